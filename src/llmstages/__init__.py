@@ -1,0 +1,3 @@
+"""llmstages: pretraining, SFT and RLHF of a causal LM as one DVC + Hydra + Lightning pipeline."""
+
+__version__ = "0.1.0"

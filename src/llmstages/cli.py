@@ -1,0 +1,201 @@
+"""The ``llmstages`` command: run a stage (Hydra app), compose ``params.yaml``, or generate from a stage output.
+
+Heavy imports (torch, Lightning, trackers) happen only once a command needs them, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
+
+USAGE = """\
+usage: llmstages <command> [options]
+
+Train a chat language model through pretraining, SFT and RLHF, one Hydra-configured stage at a time.
+
+stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to print the config, --help):
+  data        corpus -> BPE tokenizer, token files, SFT / preference / RL-prompt sets
+  pretrain    next-token prediction on the token files            e.g. llmstages pretrain model=tiny trainer.max_steps=50
+  sft         supervised fine-tuning on chat-formatted pairs      e.g. llmstages sft -m optim.lr=1e-4,3e-4
+  reward      Bradley-Terry reward model on preference pairs
+  rlhf        PPO against the reward model, KL penalty to the SFT reference
+
+  A stage given --params FILE (as dvc.yaml does) trains with FILE's section for that stage instead of
+  composing conf/, and writes to outputs/<stage>/.
+
+other commands:
+  params      compose conf/config.yaml (+ overrides) into params.yaml, as DVC does
+  generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
+
+Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show.
+Config folder: ./conf, or $LLMSTAGES_CONF.
+"""
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: ``$LLMSTAGES_CONF``, else ``./conf``, else the source checkout's ``conf/``.
+
+    Raises:
+        SystemExit: when none exists.
+    """
+    for cand in (os.environ.get("LLMSTAGES_CONF"), "conf", Path(__file__).resolve().parents[2] / "conf"):
+        if cand and Path(cand, "config.yaml").is_file():
+            return Path(cand).resolve()
+    sys.exit("llmstages: no config folder found (./conf/config.yaml); run from the project root or set LLMSTAGES_CONF")
+
+
+def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
+    """Validate ``cfg`` for ``stage`` and run it; returns the stage metrics."""
+    import importlib
+    import logging
+
+    from .config import validate
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    cfg = validate(stage, cfg, source)
+    out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
+    metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{stage} metrics ({out / 'metrics.json'})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(stderr=True).print(table)
+    return metrics
+
+
+def _params_mode(stage: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"llmstages {stage}")
+    parser.add_argument("--params", required=True, help="composed params file (params.yaml)")
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/<stage>)")
+    args = parser.parse_args(argv)
+    from omegaconf import OmegaConf
+
+    from .config import ConfigError
+
+    path = Path(args.params)
+    if not path.is_file():
+        sys.exit(f"llmstages {stage}: {path} not found (compose it with: llmstages params)")
+    params = OmegaConf.load(path)
+    if stage not in params:
+        sys.exit(f"llmstages {stage}: {path} has no '{stage}' section (recompose it with: llmstages params)")
+    try:
+        run_stage(stage, params[stage], args.out or f"outputs/{stage}", source=str(path))
+    except ConfigError as err:
+        sys.exit(f"llmstages {stage}: {err}")
+    return 0
+
+
+def _hydra_mode(stage: str, argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from .config import ConfigError
+
+    objective = {"data": "train_tokens", "pretrain": "val_loss", "sft": "exact_match", "reward": "val_accuracy",
+                 "rlhf": "rlhf_reward"}[stage]
+
+    @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=f"entry/{stage}")
+    def app(cfg):
+        try:
+            metrics = run_stage(stage, cfg, cfg.get("out_dir") or HydraConfig.get().runtime.output_dir,
+                                source=f"conf/entry/{stage}.yaml")
+        except ConfigError as err:
+            sys.exit(f"llmstages {stage}: {err}")
+        return metrics.get(objective)
+
+    sys.argv = [f"llmstages {stage}", *argv]
+    app()
+    return 0
+
+
+def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> Path:
+    """Compose ``conf/config.yaml`` with ``overrides`` into ``output`` exactly as DVC's Hydra composition does."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    OmegaConf.resolve(cfg)
+    Path(output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+    return Path(output)
+
+
+def _params_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llmstages params", description=compose_params.__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sft.optim.lr=1e-4")
+    parser.add_argument("-o", "--output", default="params.yaml")
+    args = parser.parse_args(argv)
+    print(compose_params(args.overrides, args.output))
+    return 0
+
+
+def _generate_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmstages generate", description="Answer a prompt with each given stage output, side by side.")
+    parser.add_argument("prompt", nargs="+", help="prompt text(s)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="stage output folder (repeatable); default: every one of outputs/{pretrain,sft,rlhf}")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    models = args.model or [f"outputs/{s}" for s in ("pretrain", "sft", "rlhf") if Path(f"outputs/{s}").is_dir()]
+    if not models:
+        sys.exit("llmstages generate: no stage output found under outputs/; run `dvc repro` or pass --model DIR")
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from .checkpoint import load_output
+    from .generation import generate
+    from .tokenizer import EOS_ID, PAD_ID, decode, encode_prompt, load_tokenizer
+
+    table = Table(title="llmstages generate", show_lines=True)
+    table.add_column("model")
+    table.add_column("prompt")
+    table.add_column("response")
+    for path in models:
+        try:
+            model, _, _ = load_output(path)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"llmstages generate: {err}")
+        tok = load_tokenizer(Path(path) / "tokenizer.json")
+        gen = torch.Generator().manual_seed(args.seed)
+        g = generate(model, [encode_prompt(tok, p) for p in args.prompt], args.max_new_tokens, EOS_ID, PAD_ID,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
+        for p, r in zip(args.prompt, g.responses):
+            table.add_row(str(path), p, decode(tok, r.tolist()))
+    Console().print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in STAGES:
+        if "--params" in rest or any(a.startswith("--params=") for a in rest):
+            return _params_mode(cmd, rest)
+        return _hydra_mode(cmd, rest)
+    if cmd == "params":
+        return _params_cmd(rest)
+    if cmd == "generate":
+        return _generate_cmd(rest)
+    print(f"llmstages: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Typed config schemas for every stage, and their validation.
+
+The YAML under ``conf/`` is composed by Hydra (by the CLI, or by DVC into ``params.yaml``); each stage's
+section is then merged onto its dataclass schema here, so a misspelled key or a wrong type stops the run
+before any work with a message naming the key. Schemas are also registered in Hydra's ConfigStore
+(``schema/<stage>``) for tools that want them. Only this module and ``cli.py`` read config trees: the
+stages receive plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
+
+
+@dataclass
+class ModelSchema:
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerSchema:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 1000
+    val_check_interval: int = 200
+    limit_val_batches: int = 10
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    checkpoint_every_n_steps: int = 100
+    enable_progress_bar: bool = True
+    seed: int = 1234
+
+
+@dataclass
+class LoggerSchema:
+    backends: list[str] = field(default_factory=lambda: ["mlflow"])  # any of mlflow, wandb, csv
+    experiment: str = "llmstages"
+    mlflow_tracking_uri: str = "sqlite:///outputs/mlflow.db"
+    mlflow_artifact_location: str = "outputs/mlartifacts"
+    wandb_project: str = "llmstages"
+    wandb_mode: Optional[str] = None  # None: online if WANDB_API_KEY is set, else offline
+    wandb_dir: str = "outputs"
+    csv_dir: str = "outputs/csv"
+
+
+@dataclass
+class DataSourceSchema:
+    corpus: list[str] = field(default_factory=list)  # text files/globs; empty = the stdlib corpus
+    max_corpus_mb: float = 8.0
+    sft_path: Optional[str] = None  # JSONL prompt/response
+    preference_path: Optional[str] = None  # JSONL prompt/chosen/rejected
+
+
+@dataclass
+class DataStageSchema:
+    data: DataSourceSchema = field(default_factory=DataSourceSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    out_dir: str = "outputs/data"
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    arithmetic_max: int = 20
+    heldout_fraction: float = 0.1
+    seed: int = 1234
+
+
+@dataclass
+class TrainStageSchema:
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    data_dir: str = "outputs/data"
+    out_dir: Optional[str] = None  # None: outputs/<stage> in the pipeline, Hydra's run folder for ad-hoc runs
+    batch_size: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class PretrainSchema(TrainStageSchema):
+    model: ModelSchema = field(default_factory=ModelSchema)
+    seq_len: int = 256
+
+
+@dataclass
+class SFTSchema(TrainStageSchema):
+    init_from: str = "outputs/pretrain"
+    max_len: int = 128
+    eval_max_new_tokens: int = 24
+    eval_limit: int = 200
+
+
+@dataclass
+class RewardSchema(TrainStageSchema):
+    init_from: str = "outputs/sft"
+    max_len: int = 128
+
+
+@dataclass
+class PPOSchema:
+    rollout_batch_size: int = 32
+    minibatch_size: int = 16
+    ppo_epochs: int = 2
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0
+
+
+@dataclass
+class RLHFSchema(TrainStageSchema):
+    algorithm: str = "ppo"
+    policy_from: str = "outputs/sft"
+    reward_from: str = "outputs/reward"
+    ppo: PPOSchema = field(default_factory=PPOSchema)
+    eval_limit: int = 200
+
+
+SCHEMAS: dict[str, type] = {
+    "data": DataStageSchema,
+    "pretrain": PretrainSchema,
+    "sft": SFTSchema,
+    "reward": RewardSchema,
+    "rlhf": RLHFSchema,
+}
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key."""
+
+
+def register_schemas() -> None:
+    """Register each stage schema in Hydra's ConfigStore as ``schema/<stage>``."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(group="schema", name=name, node=schema)
+
+
+def validate(stage: str, cfg: DictConfig | dict, source: str = "config") -> DictConfig:
+    """Merge ``cfg`` onto the stage schema: unknown keys and wrong types raise :class:`ConfigError`.
+
+    Hydra's own ``hydra`` node, if present, is ignored. Returns a read-only typed config.
+    """
+    if stage not in SCHEMAS:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[stage]), cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+    _check_values(stage, merged, source)
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise ConfigError(f"{source}: {stage}.{key}: {msg}")
+
+    if "optim" in cfg and cfg.optim.lr <= 0:
+        bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    if "trainer" in cfg and cfg.trainer.max_steps <= 0:
+        bad("trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
+    if "logger" in cfg:
+        for b in cfg.logger.backends:
+            if b not in ("mlflow", "wandb", "csv"):
+                bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
+    if stage == "rlhf":
+        if cfg.algorithm not in ("ppo",):
+            bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; available: ppo")
+        if cfg.ppo.kl_estimator not in ("k1", "k2", "k3"):
+            bad("ppo.kl_estimator", f"expected k1, k2 or k3, got {cfg.ppo.kl_estimator!r}")
+        if cfg.ppo.rollout_batch_size % cfg.ppo.minibatch_size:
+            bad("ppo.minibatch_size", "must divide ppo.rollout_batch_size")
+    if stage == "data" and not 0 < cfg.val_fraction < 1:
+        bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")

@@ -1,0 +1,57 @@
+"""Held-out evaluation by generation: exact match, response length, EOS rate, reward-model score."""
+
+from __future__ import annotations
+
+import torch
+
+from .generation import Generation, generate, positions_from_mask
+from .model import GPT, ScalarHead, last_token_index
+from .tokenizer import EOS_ID, PAD_ID, decode, encode_prompt
+
+
+def normalise(text: str) -> str:
+    """Answer normalisation for exact match: surrounding whitespace stripped, inner runs collapsed."""
+    return " ".join(text.split())
+
+
+def full_attention(tokens_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention mask ``(B, T, T)`` over real tokens and position ids ``(B, T)`` for a padded batch."""
+    T = tokens_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=tokens_mask.device).tril()
+    attn = causal[None] & tokens_mask.bool()[:, None, :]
+    attn |= torch.eye(T, dtype=torch.bool, device=tokens_mask.device)[None]
+    return attn, positions_from_mask(tokens_mask)
+
+
+@torch.no_grad()
+def reward_scores(model: GPT, head: ScalarHead, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score ``(B,)``: the scalar head read at the last real token of each (any-padded) row."""
+    attn, pos = full_attention(mask)
+    h = model.hidden(tokens, positions=pos, attn_mask=attn)
+    return head(h).gather(1, last_token_index(mask)[:, None]).squeeze(1).float()
+
+
+def generate_answers(model: GPT, tok, prompts: list[str], max_new_tokens: int, batch_size: int = 64,
+                     temperature: float = 0.0) -> tuple[list[str], list[Generation]]:
+    """Greedy (by default) responses to ``prompts`` as text, plus the raw generations per batch."""
+    texts, gens = [], []
+    for i in range(0, len(prompts), batch_size):
+        ids = [encode_prompt(tok, p) for p in prompts[i:i + batch_size]]
+        g = generate(model, ids, max_new_tokens, EOS_ID, PAD_ID, temperature=temperature)
+        gens.append(g)
+        texts += [decode(tok, r.tolist()) for r in g.responses]
+    return texts, gens
+
+
+def answer_metrics(rows: list[dict], responses: list[str], gens: list[Generation]) -> dict[str, float]:
+    """Exact match overall and on arithmetic, mean response length (tokens) and fraction ending in EOS."""
+    hits = [normalise(r) == normalise(row["answer"]) for row, r in zip(rows, responses)]
+    arith = [h for h, row in zip(hits, rows) if row.get("task") == "arithmetic"]
+    lengths = torch.cat([g.response_mask.sum(1).float() for g in gens])
+    finished = torch.cat([g.finished.float() for g in gens])
+    return {
+        "exact_match": sum(hits) / max(1, len(hits)),
+        "exact_match_arithmetic": sum(arith) / max(1, len(arith)),
+        "mean_response_tokens": float(lengths.mean()),
+        "eos_fraction": float(finished.mean()),
+    }

@@ -1,0 +1,237 @@
+"""A compact decoder-only Transformer (causal LM) shared by every stage.
+
+RoPE positions (Su et al. 2021, "RoFormer"), RMSNorm (Zhang & Sennrich 2019), SwiGLU MLP
+(Shazeer 2020), causal attention through ``F.scaled_dot_product_attention``, optional tied
+embeddings, and a per-layer KV cache for generation. No Lightning import: the stages wrap it.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``D`` model width, ``H`` heads,
+``Dh = D // H`` head width, ``V`` vocabulary size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of the causal LM. ``d_ff=0`` picks the SwiGLU width ``8/3 * d_model`` rounded up to 64."""
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / model.n_heads must be even for RoPE")
+        if self.d_ff <= 0:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm: ``x / sqrt(mean(x^2) + eps) * weight``, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape ``(max_len, head_dim // 2)`` for rotary position embeddings."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of ``x`` ``(B, H, T, Dh)`` by per-position angles ``cos``/``sin`` ``(B, 1, T, Dh/2)``."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: each ``(B, H, max_len, Dh)``; ``length`` positions are filled."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` ``(B, H, T, Dh)`` at the current length; return all keys/values so far ``(B, H, S, Dh)``."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # Plain causal attention over a full sequence (training, scoring, unpadded prefill).
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only causal LM.
+
+    ``forward(tokens)`` maps token ids ``(B, T)`` to next-token logits ``(B, T, V)``; ``hidden``
+    returns the final-norm hidden states ``(B, T, D)`` that value and reward heads read.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # scaled init of residual projections (GPT-2)
+            if name.endswith("proj.weight") or name.endswith("down.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters; with ``non_embedding`` the token embedding is not counted."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, D)``.
+
+        Args:
+            tokens: ids ``(B, T)``.
+            positions: position ids ``(B, T)``; default ``start..start+T-1`` where ``start`` is the cache length.
+            attn_mask: boolean ``(B, T, S)``, True where a query may attend a key; ``None`` means plain causal
+                attention over ``tokens`` (no cache or an empty one).
+            cache: a :class:`KVCache` to read and extend (its ``length`` is advanced by ``T``).
+
+        Raises:
+            ValueError: if a position exceeds ``max_seq_len``.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        if T and int(positions.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} >= model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Next-token logits ``(B, T, V)`` for ids ``(B, T)``; keyword arguments as in :meth:`hidden`."""
+        return self.lm_head(self.hidden(tokens, **kwargs))
+
+
+class ScalarHead(nn.Module):
+    """A linear map from hidden states ``(B, T, D)`` to one scalar per position ``(B, T)``: value or reward head."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_model, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(d_model + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(h).squeeze(-1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index ``(B,)`` of the last non-padding position of each row of a right-padded ``mask`` ``(B, T)``."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.zeros_like(idx)).max(dim=1).values
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (dim >= 2), none on norms, biases and 1-D params."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,150 @@
+"""What every training stage shares: the optimizer and LR schedule, the Trainer, resume, and output writing.
+
+A stage's ``run(cfg, out_dir)`` builds its LightningModule and data, then calls :func:`fit` and
+:func:`finish`. The Lightning Trainer owns the loop; checkpoints for resume live in
+``outputs/checkpoints/<stage>-<config hash>/`` (outside the DVC-owned output, which DVC clears before a
+rerun), so a stage killed mid-run and started again with the same config resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import write_json
+from ..tracking import git_commit, log_summary, make_loggers, pipeline_run_id
+
+log = logging.getLogger("llmstages")
+
+
+def adamw_with_schedule(params, lr: float, weight_decay: float, betas, eps: float, warmup_steps: int,
+                        max_steps: int, min_lr_ratio: float):
+    """AdamW (foreach) + linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
+
+    ``params`` are parameter groups (see :func:`llmstages.model.param_groups`). Returns Lightning's
+    ``{"optimizer", "lr_scheduler"}`` dict with a per-step schedule.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def optim_kwargs(cfg: DictConfig) -> dict:
+    """Plain keyword arguments for :func:`adamw_with_schedule` from a stage config."""
+    o = cfg.optim
+    return dict(lr=o.lr, weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps, warmup_steps=o.warmup_steps,
+                max_steps=cfg.trainer.max_steps, min_lr_ratio=o.min_lr_ratio)
+
+
+def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
+    """Short hash of the resolved config and of the listed input files' sizes and mtimes."""
+    h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
+    for p in paths:
+        for f in sorted(Path(p).rglob("*")) if Path(p).is_dir() else [Path(p)]:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+class Stage:
+    """Plumbing of one stage run: loggers, Trainer with resumable checkpoints, metrics and outputs."""
+
+    def __init__(self, name: str, cfg: DictConfig, out_dir: str | Path, inputs: list[str | Path]) -> None:
+        self.name, self.cfg, self.out_dir = name, cfg, Path(out_dir)
+        self.pipeline_run = pipeline_run_id()
+        commit, dirty = git_commit()
+        self.tags = {"stage": name, "pipeline_run": self.pipeline_run, "git_commit": commit, "git_dirty": str(dirty)}
+        self.ckpt_dir = Path("outputs/checkpoints") / f"{name}-{config_hash(cfg, *inputs)}"
+        run_name = f"{name}-{self.pipeline_run}"
+        lc = cfg.logger
+        self.loggers = make_loggers(list(lc.backends), stage=name, run_name=run_name, tags=self.tags,
+                                    experiment=lc.experiment, mlflow_tracking_uri=lc.mlflow_tracking_uri,
+                                    mlflow_artifact_location=lc.mlflow_artifact_location,
+                                    wandb_project=lc.wandb_project, wandb_mode=lc.wandb_mode,
+                                    wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir)
+        flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        for lg in self.loggers:
+            lg.log_hyperparams(flat)
+        self.started = time.time()
+
+    def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
+        """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``."""
+        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+        t = self.cfg.trainer
+        ckpt = ModelCheckpoint(dirpath=self.ckpt_dir, save_last=True, save_top_k=0,
+                               every_n_train_steps=t.checkpoint_every_n_steps)
+        cbs = [ckpt, *(callbacks or [])]
+        if self.loggers:
+            cbs.append(LearningRateMonitor(logging_interval="step"))
+        kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+                      precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+                      val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+                      limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+                      accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
+                      gradient_clip_val=self.cfg.optim.grad_clip or None, logger=self.loggers or False,
+                      callbacks=cbs, enable_model_summary=False, num_sanity_val_steps=0,
+                      default_root_dir=str(self.ckpt_dir))
+        kwargs.update(overrides)
+        return L.Trainer(**kwargs)
+
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, train_dl, val_dl=None) -> int:
+        """Fit, resuming from ``ckpt_dir/last.ckpt`` when a previous run of the same config was interrupted.
+
+        Returns the global step the run resumed from (0 for a fresh start).
+        """
+        last = self.ckpt_dir / "last.ckpt"
+        resumed = 0
+        if last.is_file():
+            resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+            log.warning("%s: resuming from %s (step %d)", self.name, last, resumed)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.is_file() else None)
+        return resumed
+
+    def finish(self, metrics: dict, artifacts: list[Path] | None = None) -> dict:
+        """Write ``metrics.json`` and the config used to ``out_dir``, log them, and drop the resume checkpoints."""
+        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        metrics["wall_seconds"] = round(time.time() - self.started, 1)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        write_json(self.out_dir / "metrics.json", metrics)
+        files = [self.out_dir / "metrics.json", self.out_dir / "config.yaml", *(artifacts or [])]
+        log_summary(self.loggers, metrics, files)
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        return metrics
+
+    def meta(self, **extra) -> dict:
+        """The ``meta.json`` of a stage output: stage, pipeline run, commit, and stage-specific fields."""
+        return {"stage": self.name, **self.tags, **extra}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)

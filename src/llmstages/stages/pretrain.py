@@ -1,0 +1,110 @@
+"""Pretraining: next-token prediction (causal LM cross-entropy) on random windows of the token files.
+
+Logs train/val loss (nats per token), perplexity, bits per byte and tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from ..checkpoint import save_output
+from ..data.datasets import TokenWindows
+from ..losses import next_token_loss
+from ..model import GPT, GPTConfig, param_groups
+from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+
+
+class PretrainModule(L.LightningModule):
+    """Causal LM trained with next-token loss; ``bytes_per_token`` converts nats/token to bits/byte."""
+
+    def __init__(self, model_cfg: GPTConfig, optim: dict, bytes_per_token: float, tokens_per_step: int) -> None:
+        super().__init__()
+        self.model = GPT(model_cfg)
+        self.optim, self.bytes_per_token, self.tokens_per_step = optim, bytes_per_token, tokens_per_step
+        self._t0: float | None = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T) each
+        loss = next_token_loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        every = self.trainer.log_every_n_steps
+        if self.global_step % every == 0:
+            now = time.perf_counter()
+            if self._t0 is not None:
+                self.log("train/tokens_per_sec", every * self.tokens_per_step / (now - self._t0))
+            self._t0 = now
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = next_token_loss(self.model(x), y)
+        self.log("val/loss", loss, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/perplexity", torch.exp(loss))
+            self.log("val/bits_per_byte", loss / math.log(2) / self.bytes_per_token)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, data: TokenWindows, batch_size: int, max_batches: int) -> float:
+    """Mean next-token loss (nats/token) over the first ``max_batches`` batches of ``data``."""
+    model.eval()
+    losses = []
+    for i, (x, y) in enumerate(DataLoader(data, batch_size=batch_size)):
+        if i >= max_batches:
+            break
+        losses.append(float(next_token_loss(model(x), y)))
+    return sum(losses) / len(losses)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Train from scratch on ``<data_dir>/train.bin``; write the model to ``out_dir``; return the metrics."""
+    seed_everything(cfg.trainer.seed)
+    data_dir = Path(cfg.data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    model_kwargs = dict(cfg.model)
+    model_kwargs["vocab_size"] = model_kwargs["vocab_size"] or meta["vocab_size"]
+    if model_kwargs["vocab_size"] < meta["vocab_size"]:
+        raise ValueError(f"model.vocab_size={model_kwargs['vocab_size']} < tokenizer vocabulary {meta['vocab_size']}")
+    if cfg.seq_len > model_kwargs["max_seq_len"]:
+        raise ValueError(f"seq_len={cfg.seq_len} > model.max_seq_len={model_kwargs['max_seq_len']}")
+    model_cfg = GPTConfig(**model_kwargs)
+    t = cfg.trainer
+    n_train = t.max_steps * cfg.batch_size * t.accumulate_grad_batches
+    train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed)
+    val = TokenWindows(data_dir / "val.bin", cfg.seq_len, t.limit_val_batches * cfg.batch_size, seed=t.seed + 1)
+    bytes_per_token = meta["val_bytes"] / max(1, meta["val_tokens"])
+    stage = Stage("pretrain", cfg, out_dir, inputs=[data_dir])
+    module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len)
+    trainer = stage.trainer()
+    dl = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=t.accelerator != "cpu")
+    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=False, **dl), DataLoader(val, **dl))
+    val_loss = evaluate_loss(module.model, val, cfg.batch_size, t.limit_val_batches)
+    metrics = {
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token,
+        "unigram_entropy_nats": meta["unigram_entropy_nats"],
+        "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "tokens_seen": trainer.global_step * cfg.batch_size * cfg.seq_len * t.accumulate_grad_batches,
+        "steps": trainer.global_step,
+        "resumed_from_step": resumed,
+        "params": module.model.num_params(non_embedding=False),
+    }
+    save_output(out_dir, module.model, data_dir / "tokenizer.json", stage.meta(metrics=metrics))
+    return stage.finish(metrics)

@@ -1,0 +1,75 @@
+"""Reward model: the SFT backbone plus a scalar head, trained on preference pairs with the Bradley–Terry loss.
+
+The reward of a sequence is the head's output at its last non-padding token (Ouyang et al. 2022, §3.5).
+Logs pairwise accuracy (chosen scored above rejected) on held-out pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_output, save_output
+from ..data.datasets import PreferenceDataset, collate_pairs, read_jsonl, PREFERENCE_FIELDS
+from ..losses import bradley_terry_loss
+from ..model import GPT, ScalarHead, last_token_index, param_groups
+from ..tokenizer import load_tokenizer
+from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+
+
+class RewardModule(L.LightningModule):
+    """Scores ``(2B,)`` for a batch of chosen rows followed by rejected rows; loss ``-log σ(r_c - r_r)``."""
+
+    def __init__(self, model: GPT, optim: dict) -> None:
+        super().__init__()
+        self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model), optim
+
+    def scores(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reward ``(N,)`` of right-padded ``tokens``/``mask`` ``(N, T)``, read at the last real token."""
+        h = self.model.hidden(tokens)  # right padding: causal attention never sees the pads before the end
+        return self.head(h).gather(1, last_token_index(mask)[:, None]).squeeze(1)
+
+    def _step(self, batch, prefix: str):
+        r = self.scores(batch["tokens"], batch["mask"])
+        chosen, rejected = r.chunk(2)
+        loss = bradley_terry_loss(chosen, rejected)
+        self.log(f"{prefix}/loss", loss, prog_bar=True)
+        self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
+        self.log(f"{prefix}/margin", (chosen - rejected).mean())
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        groups = param_groups(self.model, self.optim["weight_decay"]) + [{"params": self.head.parameters(),
+                                                                          "weight_decay": 0.0}]
+        return adamw_with_schedule(groups, **self.optim)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Train a reward model from ``init_from`` on ``<data_dir>/pref_train.jsonl``; return the metrics."""
+    seed_everything(cfg.trainer.seed)
+    data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
+    model, _, _ = load_output(init)
+    tok = load_tokenizer(init / "tokenizer.json")
+    train = PreferenceDataset(read_jsonl(data_dir / "pref_train.jsonl", PREFERENCE_FIELDS), tok, cfg.max_len)
+    val = PreferenceDataset(read_jsonl(data_dir / "pref_val.jsonl", PREFERENCE_FIELDS), tok, cfg.max_len)
+    stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
+    module = RewardModule(model, optim_kwargs(cfg))
+    dl = dict(batch_size=cfg.batch_size, collate_fn=collate_pairs, num_workers=cfg.num_workers)
+    trainer = stage.trainer()
+    val_dl = DataLoader(val, **dl)
+    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
+    final = trainer.validate(module, DataLoader(val, **{**dl, "batch_size": len(val)}), verbose=False)[0]
+    metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
+               "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed}
+    save_output(out_dir, module.model, init / "tokenizer.json", stage.meta(metrics=metrics), head=module.head)
+    return stage.finish(metrics)

@@ -1,0 +1,77 @@
+"""Supervised fine-tuning: chat-template prompt/response pairs, next-token loss on response tokens only.
+
+The response's final EOS is appended and supervised, so the model learns to stop. Held-out exact match is
+measured by greedy generation, for the starting (pretrained) model and for the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from ..checkpoint import load_output, save_output
+from ..data.datasets import SFTDataset, collate_sft, read_jsonl, SFT_FIELDS, PROMPT_FIELDS
+from ..evaluation import answer_metrics, generate_answers
+from ..losses import next_token_loss
+from ..model import GPT, param_groups
+from ..tokenizer import load_tokenizer
+from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+
+
+class SFTModule(L.LightningModule):
+    """Causal LM fine-tuned with the loss mask of the chat template (response tokens + EOS)."""
+
+    def __init__(self, model: GPT, optim: dict) -> None:
+        super().__init__()
+        self.model, self.optim = model, optim
+
+    def _loss(self, batch):
+        logits = self.model(batch["inputs"])  # (B, T, V)
+        return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch), prog_bar=True)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
+
+
+def heldout_answers(model: GPT, tok, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
+    responses, gens = generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
+    return answer_metrics(rows, responses, gens)
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Fine-tune the model in ``init_from`` on ``<data_dir>/sft_train.jsonl``; return the metrics."""
+    seed_everything(cfg.trainer.seed)
+    data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
+    model, _, _ = load_output(init)
+    tok = load_tokenizer(init / "tokenizer.json")
+    train = SFTDataset(read_jsonl(data_dir / "sft_train.jsonl", SFT_FIELDS), tok, cfg.max_len)
+    val = SFTDataset(read_jsonl(data_dir / "sft_val.jsonl", SFT_FIELDS), tok, cfg.max_len)
+    eval_rows = read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS)
+    eval_rows = eval_rows[: cfg.eval_limit] if cfg.eval_limit else eval_rows
+    before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
+
+    stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
+    module = SFTModule(model, optim_kwargs(cfg))
+    dl = dict(batch_size=cfg.batch_size, collate_fn=collate_sft, num_workers=cfg.num_workers)
+    trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
+    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
+    val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
+    after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens)
+    metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
+               "val_loss": val_loss,
+               "train_examples": len(train), "resumed_from_step": resumed}
+    for lg in stage.loggers:
+        lg.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=module.global_step)
+    save_output(out_dir, module.model, init / "tokenizer.json", stage.meta(metrics=metrics))
+    return stage.finish(metrics)

@@ -1,0 +1,106 @@
+"""Experiment tracking: Lightning loggers for MLflow (local store), W&B (offline without a key) and CSV.
+
+Every stage run is tagged with ``pipeline_run`` (one value per ``dvc repro`` execution, so the runs of one
+pipeline execution can be compared together), ``stage``, and the git commit; W&B runs are grouped by it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+
+
+def _proc_parent(pid: int) -> tuple[int, str, str] | None:
+    """``(parent pid, start time in clock ticks, cmdline)`` of a Linux process, or ``None``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        return int(fields[1]), fields[19], cmd
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pipeline_run_id() -> str:
+    """An id shared by the stages of one pipeline execution.
+
+    ``LLMSTAGES_PIPELINE_RUN`` if set; otherwise derived from the ``dvc`` process that started this stage
+    (its pid and start time), so all stages of one ``dvc repro`` share it; otherwise a fresh id.
+    """
+    if os.environ.get("LLMSTAGES_PIPELINE_RUN"):
+        return os.environ["LLMSTAGES_PIPELINE_RUN"]
+    pid = os.getppid()
+    for _ in range(6):
+        info = _proc_parent(pid)
+        if info is None or pid <= 1:
+            break
+        ppid, start, cmd = info
+        if "dvc" in cmd.split(" ")[0] or " dvc " in f" {cmd} " or "/dvc " in cmd:
+            return uuid.uuid5(uuid.NAMESPACE_OID, f"{socket.gethostname()}-{pid}-{start}").hex[:12]
+        pid = ppid
+    return uuid.uuid4().hex[:12]
+
+
+def git_commit() -> tuple[str, bool]:
+    """``(commit sha or "unknown", dirty)`` of the working tree."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[str, str], experiment: str,
+                 mlflow_tracking_uri: str, mlflow_artifact_location: str, wandb_project: str,
+                 wandb_mode: str | None, wandb_dir: str, csv_dir: str) -> list:
+    """Lightning loggers for the requested backends (``mlflow``, ``wandb``, ``csv``).
+
+    W&B runs offline unless ``wandb_mode`` says otherwise or ``WANDB_API_KEY`` is set; offline runs land in
+    ``<wandb_dir>/wandb/`` and are uploaded later with ``wandb sync``.
+    """
+    loggers = []
+    for backend in backends:
+        if backend == "mlflow":
+            from lightning.pytorch.loggers import MLFlowLogger
+
+            _ensure_sqlite_parent(mlflow_tracking_uri)
+            loggers.append(MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=mlflow_tracking_uri,
+                                        tags=tags, artifact_location=str(Path(mlflow_artifact_location).resolve())))
+        elif backend == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            mode = wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(project=wandb_project, name=run_name, group=tags.get("pipeline_run"),
+                                       job_type=stage, tags=[stage], save_dir=wandb_dir, mode=mode))
+        elif backend == "csv":
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers.append(CSVLogger(save_dir=csv_dir, name=stage, version=run_name))
+        else:
+            raise ValueError(f"logger.backends: unknown backend {backend!r}")
+    return loggers
+
+
+def _ensure_sqlite_parent(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path]) -> None:
+    """Log final metrics to every logger and files as MLflow artifacts / W&B summary."""
+    for lg in loggers:
+        lg.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        name = type(lg).__name__
+        if name == "MLFlowLogger":
+            for f in artifacts:
+                if Path(f).exists():
+                    lg.experiment.log_artifact(lg.run_id, str(f))
+        elif name == "WandbLogger":
+            lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        lg.finalize("success")
