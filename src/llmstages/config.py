@@ -49,7 +49,7 @@ class TrainerSchema:
     devices: Any = 1
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: str = "32-true"
+    precision: str = "auto"
     max_steps: int = 1000
     val_check_interval: int = 200
     limit_val_batches: int = 10

@@ -52,6 +52,20 @@ def optim_kwargs(cfg: DictConfig) -> dict:
                 max_steps=cfg.trainer.max_steps, min_lr_ratio=o.min_lr_ratio)
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"``: ``bf16-mixed`` where bf16 matrix units exist (CUDA with bf16, CPUs with AMX or AVX-512 BF16),
+    else ``32-true``. Any other value is passed to Lightning unchanged."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "32-true"
+    return "bf16-mixed" if {"amx_bf16", "avx512_bf16"} & set(flags) else "32-true"
+
+
 def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
     """Short hash of the resolved config and of the listed input files' sizes and mtimes."""
     h = hashlib.sha256(json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True).encode())
@@ -95,7 +109,7 @@ class Stage:
         if self.loggers:
             cbs.append(LearningRateMonitor(logging_interval="step"))
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-                      precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+                      precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
                       accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
