@@ -51,11 +51,15 @@ def conf_dir() -> Path:
 def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     """Validate ``cfg`` for ``stage`` and run it; returns the stage metrics."""
     import importlib
-    import logging
+    import warnings
 
     from .config import validate
 
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    # Known-harmless noise: Lightning's pytree shim on newer torch, and the frozen reference/reward models
+    # that the rlhf stage keeps in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     cfg = validate(stage, cfg, source)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)

@@ -15,21 +15,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .model import GPTConfig as ModelSchema  # the model section is the architecture itself
+
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
-
-
-@dataclass
-class ModelSchema:
-    vocab_size: int = 0  # 0 = take it from the tokenizer
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    d_ff: int = 0
-    max_seq_len: int = 512
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
 
 
 @dataclass

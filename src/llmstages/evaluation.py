@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from .generation import Generation, generate, positions_from_mask
 from .model import GPT, ScalarHead, last_token_index
 from .tokenizer import EOS_ID, PAD_ID, decode, encode_prompt
+
+
+def eval_subset(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
+    """A fixed, seeded sample of at most ``limit`` rows (``0`` = all), kept in file order."""
+    if not limit or len(rows) <= limit:
+        return rows
+    keep = set(random.Random(seed).sample(range(len(rows)), limit))
+    return [r for i, r in enumerate(rows) if i in keep]
 
 
 def normalise(text: str) -> str:

@@ -77,10 +77,11 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
              generator: torch.Generator | None = None) -> Generation:
     """Sample up to ``max_new_tokens`` for each prompt (lists of ids), all in one batch.
 
-    ``temperature=0`` is greedy decoding. Runs under ``torch.inference_mode``.
+    ``temperature=0`` is greedy decoding. Runs under ``torch.inference_mode``. When the longest prompt plus
+    ``max_new_tokens`` exceeds ``model.cfg.max_seq_len``, fewer tokens are generated (down to none).
 
     Raises:
-        ValueError: if a prompt is empty or prompt + new tokens exceed ``model.cfg.max_seq_len``.
+        ValueError: if a prompt is empty.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: empty prompt")

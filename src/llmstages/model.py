@@ -20,7 +20,8 @@ from torch import nn
 
 @dataclass
 class GPTConfig:
-    """Architecture of the causal LM. ``d_ff=0`` picks the SwiGLU width ``8/3 * d_model`` rounded up to 64."""
+    """Architecture of the causal LM. ``d_ff=0`` picks the SwiGLU width ``8/3 * d_model`` rounded up to 64;
+    in a config, ``vocab_size=0`` means "the tokenizer's vocabulary size"."""
 
     vocab_size: int = 4096
     d_model: int = 256
@@ -182,7 +183,7 @@ class GPT(nn.Module):
             tokens: ids ``(B, T)``.
             positions: position ids ``(B, T)``; default ``start..start+T-1`` where ``start`` is the cache length.
             attn_mask: boolean ``(B, T, S)``, True where a query may attend a key; ``None`` means plain causal
-                attention over ``tokens`` (no cache or an empty one).
+                attention (over the cached prefix too, when continuing a filled cache).
             cache: a :class:`KVCache` to read and extend (its ``length`` is advanced by ``T``).
 
         Raises:
@@ -194,6 +195,8 @@ class GPT(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         if T and int(positions.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(positions.max())} >= model.max_seq_len={self.cfg.max_seq_len}")
+        if attn_mask is None and start > 0 and T > 1:  # continuing a filled cache: causal, aligned bottom-right
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start).expand(B, T, -1)
         cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):

@@ -184,15 +184,39 @@ def docstring_qa(modules: tuple[str, ...] = DOC_MODULES) -> list[tuple[str, str]
     return qa
 
 
+ARITH_PROMPT = re.compile(r"What's (\d+) ([+-]) (\d+)\?")
+
+
+def arith_slips(prompt: str, answer: str) -> dict[str, list[int]]:
+    """Plausible wrong answers to an arithmetic question, by kind of slip.
+
+    ``carry`` (a carry dropped or added: ±10), ``transposed`` (the answer's two digits swapped),
+    ``operation`` (the other operation applied), ``off_by_one`` (±1). Only non-negative values that differ
+    from the answer are kept.
+    """
+    a, op, b = ARITH_PROMPT.fullmatch(prompt).groups()
+    a, b, x = int(a), int(b), int(answer)
+    slips = {"carry": [x + 10, x - 10], "transposed": [int(str(x)[::-1])] if len(str(x)) == 2 else [],
+             "operation": [a - b if op == "+" else a + b], "off_by_one": [x + 1, x - 1]}
+    return {k: [v for v in vals if v >= 0 and v != x] for k, vals in slips.items()}
+
+
 def _arith_rejects(prompt: str, answer: str, seed: int, k: int = 2) -> list[str]:
-    """``k`` distinct plausible wrong non-negative answers (±1, ±2, ±10, last two digits swapped)."""
-    x = int(answer)
-    s = str(x)
-    cands = [x + 1, x - 1, x + 2, x - 2, x + 10, x - 10]
-    if len(s) >= 2:
-        cands.append(int(s[:-2] + s[-1] + s[-2]))
-    cands = [c for c in dict.fromkeys(cands) if c >= 0 and c != x]
-    return [str(c) for c in random.Random(f"{seed}:{prompt}").sample(cands, k)]
+    """``k`` distinct plausible wrong answers of different slip kinds (:func:`arith_slips`), seeded per question.
+
+    Carry, transposition and operation slips come first (in a seeded order); off-by-one only fills in when
+    fewer than ``k`` of those apply.
+    """
+    rng = random.Random(f"{seed}:{prompt}")
+    slips = arith_slips(prompt, answer)
+    kinds = [kd for kd in ("carry", "transposed", "operation") if slips[kd]]
+    rng.shuffle(kinds)
+    out: list[int] = []
+    for kind in [*kinds, "off_by_one", "off_by_one"]:
+        options = [v for v in slips[kind] if v not in out]
+        if options and len(out) < k:
+            out.append(rng.choice(options))
+    return [str(v) for v in out]
 
 
 def _val_questions(questions: list[str], fraction: float, seed: int) -> set[str]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PromptDataset, collate_prompts, read_jsonl, PROMPT_FIELDS
-from ..evaluation import answer_metrics, full_attention, generate_answers, reward_scores
+from ..evaluation import answer_metrics, eval_subset, full_attention, generate_answers, reward_scores
 from ..generation import generate
 from ..losses import gae, kl_estimate, masked_mean, ppo_policy_loss, token_entropy, token_logprobs, value_loss, whiten
 from ..model import GPT, ScalarHead, param_groups
@@ -138,8 +138,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     c = dict(cfg.ppo)
     max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
     train = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
-    rows = read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS)
-    rows = rows[: cfg.eval_limit] if cfg.eval_limit else rows
+    rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, c["max_new_tokens"])
 
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])

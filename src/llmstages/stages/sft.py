@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
 from ..data.datasets import SFTDataset, collate_sft, read_jsonl, SFT_FIELDS, PROMPT_FIELDS
-from ..evaluation import answer_metrics, generate_answers
+from ..evaluation import answer_metrics, eval_subset, generate_answers
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
@@ -57,8 +57,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     tok = load_tokenizer(init / "tokenizer.json")
     train = SFTDataset(read_jsonl(data_dir / "sft_train.jsonl", SFT_FIELDS), tok, cfg.max_len)
     val = SFTDataset(read_jsonl(data_dir / "sft_val.jsonl", SFT_FIELDS), tok, cfg.max_len)
-    eval_rows = read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS)
-    eval_rows = eval_rows[: cfg.eval_limit] if cfg.eval_limit else eval_rows
+    eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])

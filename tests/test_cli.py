@@ -1,0 +1,91 @@
+"""The `llmstages` command as a user runs it: help, a Hydra multirun, kill-and-resume, generate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY
+
+LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
+
+
+def run(args: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    p = subprocess.run([LLMSTAGES, *args], cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check:
+        assert p.returncode == 0, f"llmstages {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def test_help_lists_stages_and_is_fast(tmp_path):
+    t = time.perf_counter()
+    p = run(["--help"], tmp_path)
+    assert time.perf_counter() - t < 10  # generous bound; the figure itself lives in benchmarks/
+    for word in ("data", "pretrain", "sft", "reward", "rlhf", "generate", "dvc repro"):
+        assert word in p.stdout
+
+
+def test_unknown_command_fails(tmp_path):
+    p = run(["pretrian"], tmp_path, check=False)
+    assert p.returncode == 2 and "unknown command 'pretrian'" in p.stderr
+
+
+def test_bad_override_names_the_key(tmp_path):
+    p = run(["pretrain", "trainer.max_stepz=5"], tmp_path, check=False)
+    assert p.returncode != 0 and "max_stepz" in p.stderr
+
+
+def test_missing_upstream_output_is_a_clear_error(tmp_path):
+    p = run(["sft", "init_from=nowhere", *TINY["sft"], "logger=none"], tmp_path, check=False)
+    assert p.returncode != 0 and "nowhere" in p.stderr
+
+
+def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
+    work, _ = tiny_run
+    args = ["sft", "-m", "optim.lr=1e-4,3e-4", f"init_from={work}/outputs/pretrain", f"data_dir={work}/outputs/data",
+            "logger=csv", *TINY["sft"], "trainer.max_steps=4"]
+    run(args, tmp_path)
+    jobs = sorted((tmp_path / "outputs/multirun/sft").glob("*/*/metrics.json"))
+    assert len(jobs) == 2
+    lrs = sorted(__import__("yaml").safe_load((j.parent / "config.yaml").read_text())["optim"]["lr"] for j in jobs)
+    assert lrs == [1e-4, 3e-4]
+
+
+def test_generate_shows_each_stage(tiny_run):
+    work, _ = tiny_run
+    p = run(["generate", "What's 2 + 2?", "--max-new-tokens", "4"], work)
+    for stage in ("pretrain", "sft", "rlhf"):
+        assert f"outputs/{stage}" in p.stdout
+    assert p.stdout.count("What's 2 + 2?") == 3
+
+
+def test_kill_and_resume(tiny_run, tmp_path):
+    """A pretrain killed mid-run and started again resumes from its last checkpoint and finishes the steps."""
+    work, _ = tiny_run
+    args = ["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/pt", "logger=none", "model=tiny",
+            "batch_size=8", "seq_len=64", "trainer.max_steps=2000", "trainer.val_check_interval=2000",
+            "trainer.checkpoint_every_n_steps=20", "trainer.enable_progress_bar=false", "trainer.precision=32-true"]
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    proc = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    ckpts = tmp_path / "outputs/checkpoints"
+    while time.time() < deadline and not list(ckpts.glob("pretrain-*/last.ckpt")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("pretrain-*/last.ckpt")), "no checkpoint was written before the kill"
+    assert not (tmp_path / "outputs/pt/metrics.json").exists()
+    p = run(args, tmp_path, timeout=900)
+    metrics = json.loads((tmp_path / "outputs/pt/metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 2000
+    assert "resuming from" in p.stderr
+    assert not list(ckpts.glob("pretrain-*"))  # cleaned up after success

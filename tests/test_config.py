@@ -1,0 +1,93 @@
+"""Every config composes and validates; bad keys and types fail naming the key; params.yaml is up to date."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import CONF, ROOT, compose
+from llmstages.cli import compose_params
+from llmstages.config import STAGES, ConfigError, validate
+
+GROUP_OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "optim", "trainer", "logger", "data")}
+
+
+def test_required_groups_exist():
+    assert set(GROUP_OPTIONS["model"]) >= {"tiny", "small", "base"}
+    assert set(GROUP_OPTIONS["trainer"]) >= {"cpu", "gpu", "ddp"}
+    assert set(GROUP_OPTIONS["logger"]) >= {"mlflow", "wandb", "csv", "none", "many"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_composes_and_validates(stage):
+    cfg = validate(stage, compose(stage))
+    assert cfg.logger.backends == ["mlflow"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts])
+def test_every_group_option_validates(group, option):
+    stage = {"model": "pretrain", "data": "data"}.get(group, "sft")
+    cfg = validate(stage, compose(stage, [f"{group}={option}"]))
+    assert cfg[group] is not None
+
+
+def test_model_presets_sizes():
+    from llmstages.model import GPT, GPTConfig
+
+    sizes = {}
+    for name in ("tiny", "small", "base"):
+        m = dict(compose("pretrain", [f"model={name}"]).model)
+        m["vocab_size"] = 4096
+        sizes[name] = GPT(GPTConfig(**m)).num_params(non_embedding=False)
+    assert sizes["tiny"] < 1e6 < sizes["small"] < 10e6
+    assert 80e6 < sizes["base"] < 130e6  # the ~100M GPU preset
+
+
+def test_misspelled_key_names_the_key():
+    cfg = OmegaConf.to_container(compose("pretrain"))
+    cfg["trainer"]["max_stepz"] = 5
+    with pytest.raises(ConfigError, match="max_stepz"):
+        validate("pretrain", cfg)
+
+
+def test_wrong_type_names_the_key():
+    cfg = OmegaConf.to_container(compose("sft"))
+    cfg["optim"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        validate("sft", cfg)
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        validate("rlhf", compose("rlhf", ["ppo.kl_estimator=k9"]))
+
+
+def test_override_of_unknown_key_fails_in_hydra():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose("pretrain", ["trainer.max_stepz=5"])
+
+
+def test_committed_params_yaml_equals_fresh_composition(tmp_path):
+    fresh = yaml.safe_load(compose_params([], tmp_path / "params.yaml").read_text())
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == fresh, "params.yaml is stale: run `llmstages params` and commit it"
+    assert set(committed) == set(STAGES)
+    for stage in STAGES:
+        validate(stage, committed[stage], "params.yaml")
+
+
+def test_pipeline_override_reaches_only_its_section(tmp_path):
+    p = yaml.safe_load(compose_params(["sft.optim.lr=1e-4"], tmp_path / "p.yaml").read_text())
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert p["sft"]["optim"]["lr"] == 1e-4
+    assert {s for s in STAGES if p[s] != base[s]} == {"sft"}
+
+
+def test_tiny_experiment_composes(tmp_path):
+    p = yaml.safe_load(compose_params(["+experiment=tiny"], tmp_path / "p.yaml").read_text())
+    assert p["pretrain"]["model"]["d_model"] == 32
+    for stage in STAGES:
+        validate(stage, p[stage])

@@ -1,0 +1,87 @@
+"""Each stage on the tiny model with a real Lightning Trainer and a real MLflow store; values checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from llmstages.checkpoint import load_output
+from llmstages.tokenizer import load_tokenizer
+
+
+def test_data_stage_outputs(tiny_run):
+    work, m = tiny_run
+    data = work / "outputs/data"
+    meta = json.loads((data / "meta.json").read_text())
+    assert m["data"]["vocab_size"] == meta["vocab_size"] <= 512
+    assert len(np.memmap(data / "train.bin", dtype=np.uint16, mode="r")) == meta["train_tokens"] > 10_000
+    assert (data / "metrics.json").is_file() and (data / "config.yaml").is_file()
+
+
+def test_pretrain_learns(tiny_run):
+    work, m = tiny_run
+    pm = m["pretrain"]
+    assert pm["steps"] == 40 and pm["resumed_from_step"] == 0
+    # 40 tiny steps: far from converged, but well below the loss of a uniform guess over the vocabulary.
+    assert pm["val_loss"] < np.log(m["data"]["vocab_size"]) - 0.5
+    assert pm["val_perplexity"] == pytest.approx(np.exp(pm["val_loss"]), rel=1e-4)
+    assert json.loads((work / "outputs/pretrain/metrics.json").read_text())["steps"] == 40
+
+
+def test_stage_outputs_round_trip(tiny_run):
+    work, _ = tiny_run
+    for stage in ("pretrain", "sft", "reward", "rlhf"):
+        model, head, meta = load_output(work / "outputs" / stage, with_head=stage in ("reward", "rlhf"))
+        assert meta["stage"] == stage and meta["pipeline_run"] == "test-pipeline"
+        assert (head is not None) == (stage in ("reward", "rlhf"))
+        tok = load_tokenizer(work / "outputs" / stage / "tokenizer.json")
+        assert tok.get_vocab_size() == model.cfg.vocab_size
+
+
+def test_sft_changes_the_model_and_reports_both(tiny_run):
+    work, m = tiny_run
+    sm = m["sft"]
+    for key in ("exact_match", "exact_match_arithmetic", "init_exact_match_arithmetic", "eos_fraction", "val_loss"):
+        assert key in sm
+    a, _, _ = load_output(work / "outputs/pretrain")
+    b, _, _ = load_output(work / "outputs/sft")
+    changed = [n for (n, p), q in zip(a.named_parameters(), b.parameters()) if not torch.equal(p, q)]
+    assert len(changed) == len(list(a.parameters()))  # every trainable parameter moved
+
+
+def test_reward_and_rlhf_metrics(tiny_run):
+    _, m = tiny_run
+    assert 0.0 <= m["reward"]["val_accuracy"] <= 1.0 and m["reward"]["val_pairs"] > 0
+    rm = m["rlhf"]
+    for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "kl_to_ref", "rlhf_exact_match_arithmetic"):
+        assert np.isfinite(rm[key])
+    assert rm["steps"] == 8
+    assert (tiny_run[0] / "outputs/rlhf/samples.md").read_text().startswith("| prompt |")
+
+
+def test_stage_records_the_values_it_used(tiny_run):
+    import yaml
+
+    work, _ = tiny_run
+    used = yaml.safe_load((work / "outputs/sft/config.yaml").read_text())
+    assert used["trainer"]["max_steps"] == 20 and used["max_len"] == 64
+
+
+def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
+    import mlflow
+
+    work, m = tiny_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("llmstages")
+    runs = client.search_runs([exp.experiment_id], "tags.pipeline_run = 'test-pipeline'")
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == {"data", "pretrain", "sft", "reward", "rlhf"}
+    pre = by_stage["pretrain"]
+    assert pre.data.params["trainer.max_steps"] == "40"
+    assert pre.data.metrics["final/val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
+    assert "train/loss" in pre.data.metrics and pre.info.status == "FINISHED"
+    arts = {a.path for a in client.list_artifacts(by_stage["rlhf"].info.run_id)}
+    assert {"metrics.json", "config.yaml", "samples.md"} <= arts
