@@ -71,7 +71,7 @@ def test_kill_and_resume(tiny_run, tmp_path):
     """A pretrain killed mid-run and started again resumes from its last checkpoint and finishes the steps."""
     work, _ = tiny_run
     args = ["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/pt", "logger=none", "model=tiny",
-            "batch_size=8", "seq_len=64", "trainer.max_steps=2000", "trainer.val_check_interval=2000",
+            "batch_size=8", "seq_len=64", "trainer.max_steps=300", "trainer.val_check_interval=300",
             "trainer.checkpoint_every_n_steps=20", "trainer.enable_progress_bar=false", "trainer.precision=32-true"]
     env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
     proc = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
@@ -86,6 +86,24 @@ def test_kill_and_resume(tiny_run, tmp_path):
     assert not (tmp_path / "outputs/pt/metrics.json").exists()
     p = run(args, tmp_path, timeout=900)
     metrics = json.loads((tmp_path / "outputs/pt/metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 2000
+    assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 300
     assert "resuming from" in p.stderr
     assert not list(ckpts.glob("pretrain-*"))  # cleaned up after success
+
+
+def test_wandb_offline_run(tiny_run, tmp_path):
+    """logger=wandb with no API key logs offline into outputs/wandb, grouped by the pipeline run."""
+    work, _ = tiny_run
+    env_extra = {"WANDB_API_KEY": "", "LLMSTAGES_PIPELINE_RUN": "wb-group"}
+    args = ["reward", f"init_from={work}/outputs/sft", f"data_dir={work}/outputs/data", "logger=wandb",
+            *TINY["reward"], "trainer.max_steps=2", "out_dir=outputs/rw"]
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf"), **env_extra}
+    env.pop("WANDB_API_KEY")
+    p = subprocess.run([LLMSTAGES, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((tmp_path / "outputs/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The offline run file (protobuf records) holds the run's group, job type and config.
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for needle in (b"wb-group", b"reward", b"trainer.max_steps", b"final/val_accuracy"):
+        assert needle in record
