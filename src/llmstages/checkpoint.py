@@ -11,7 +11,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .model import GPT, GPTConfig, ScalarHead
@@ -72,8 +71,3 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         head.load_state_dict(head_sd)
     meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
     return model, head, meta
-
-
-def copy_state(dst: torch.nn.Module, src: torch.nn.Module) -> None:
-    """Copy parameters of ``src`` into ``dst`` (same architecture)."""
-    dst.load_state_dict(src.state_dict())

@@ -62,7 +62,13 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     cfg = validate(stage, cfg, source)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
-    metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)
+    try:
+        metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)
+    except BaseException:
+        from .stages.common import fail_open_stages
+
+        fail_open_stages()
+        raise
     from rich.console import Console
     from rich.table import Table
 

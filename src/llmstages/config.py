@@ -2,9 +2,8 @@
 
 The YAML under ``conf/`` is composed by Hydra (by the CLI, or by DVC into ``params.yaml``); each stage's
 section is then merged onto its dataclass schema here, so a misspelled key or a wrong type stops the run
-before any work with a message naming the key. Schemas are also registered in Hydra's ConfigStore
-(``schema/<stage>``) for tools that want them. Only this module and ``cli.py`` read config trees: the
-stages receive plain values.
+before any work with a message naming the key. (The schemas are not put in Hydra's ConfigStore on purpose:
+DVC composes ``params.yaml`` without importing this package, so ``conf/`` must compose from YAML alone.)
 """
 
 from __future__ import annotations
@@ -151,15 +150,6 @@ SCHEMAS: dict[str, type] = {
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key."""
-
-
-def register_schemas() -> None:
-    """Register each stage schema in Hydra's ConfigStore as ``schema/<stage>``."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    for name, schema in SCHEMAS.items():
-        cs.store(group="schema", name=name, node=schema)
 
 
 def validate(stage: str, cfg: DictConfig | dict, source: str = "config") -> DictConfig:

@@ -53,21 +53,23 @@ def _pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
 
 
 def encode_sft(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]] | None:
-    """Chat-template ids and loss mask for one example, or ``None`` when no response token fits in ``max_len``.
+    """Chat-template ids and loss mask for one example, at most ``max_len`` tokens, or ``None`` if impossible.
 
-    Too-long examples keep the prompt's end (left truncation of the prompt) so at least one response token
-    and the template's assistant marker survive; the response is cut on the right.
+    Too-long examples keep the whole response (with its EOS) and the end of the prompt: the prompt is cut on
+    the left, after ``<|bos|><|user|>``. A response longer than ``max_len - 3`` is cut on the right (its EOS
+    lost). ``None`` when not even one response token fits (``max_len < 4``).
     """
     ids, mask = encode_chat(tok, prompt, response)
     if len(ids) <= max_len:
         return ids, mask
-    n_prompt = mask.index(1)
-    keep_prompt = min(n_prompt, max_len - 1)
-    if keep_prompt < 2:
+    n_prompt = mask.index(1)  # <|bos|><|user|> body <|assistant|>
+    keep_resp = min(len(ids) - n_prompt, max_len - 3)
+    if keep_resp < 1:
         return None
-    ids = ids[:2] + ids[n_prompt - keep_prompt + 2: n_prompt] + ids[n_prompt: n_prompt + max_len - keep_prompt]
-    mask = [0] * keep_prompt + [1] * (max_len - keep_prompt)
-    return ids, mask
+    body = ids[2:n_prompt - 1]
+    body = body[len(body) - (max_len - keep_resp - 3):] if max_len - keep_resp > 3 else []
+    ids = ids[:2] + body + [ids[n_prompt - 1]] + ids[n_prompt:n_prompt + keep_resp]
+    return ids, [0] * (len(body) + 3) + [1] * keep_resp
 
 
 class SFTDataset(Dataset):

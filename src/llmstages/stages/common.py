@@ -77,6 +77,16 @@ def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
+_OPEN: list["Stage"] = []  # stages started in this process and not finished (their tracking runs are open)
+
+
+def fail_open_stages() -> None:
+    """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
+    while _OPEN:
+        for lg in _OPEN.pop().loggers:
+            lg.finalize("failed")
+
+
 class Stage:
     """Plumbing of one stage run: loggers, Trainer with resumable checkpoints, metrics and outputs."""
 
@@ -97,6 +107,7 @@ class Stage:
         for lg in self.loggers:
             lg.log_hyperparams(flat)
         self.started = time.time()
+        _OPEN.append(self)
 
     def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
         """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``."""
@@ -141,6 +152,8 @@ class Stage:
         write_json(self.out_dir / "metrics.json", metrics)
         files = [self.out_dir / "metrics.json", self.out_dir / "config.yaml", *(artifacts or [])]
         log_summary(self.loggers, metrics, files)
+        if self in _OPEN:
+            _OPEN.remove(self)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return metrics
 

@@ -68,7 +68,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
-    final = trainer.validate(module, DataLoader(val, **{**dl, "batch_size": len(val)}), verbose=False)[0]
+    trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
+    final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed}
     save_output(out_dir, module.model, init / "tokenizer.json", stage.meta(metrics=metrics), head=module.head)

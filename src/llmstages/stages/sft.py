@@ -65,6 +65,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dl = dict(batch_size=cfg.batch_size, collate_fn=collate_sft, num_workers=cfg.num_workers)
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
+    trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens)
     metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
