@@ -229,3 +229,16 @@ def test_default_stdlib_corpus(tmp_path):
     tok = load_tokenizer(tmp_path / "d" / "tokenizer.json")
     first = next(iter_documents(tmp_path / "d" / "val.bin"))
     assert tok.decode(first.tolist()).encode()  # decodes to real text
+
+
+def test_user_sft_with_a_single_prompt_is_refused(tmp_path):
+    """One distinct prompt cannot be split into train and held-out: the data stage says so, writes nothing."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, some text for a tokenizer. " * 50)
+    (tmp_path / "c2.txt").write_text("another document with words and 123 numbers. " * 50)
+    sft = tmp_path / "one.jsonl"
+    sft.write_text('{"prompt": "hi", "response": "there"}\n\n\n')
+    with pytest.raises(ValueError, match=r"one\.jsonl: 1 distinct prompt\(s\); at least 2"):
+        build_data(tmp_path / "out", corpus=[str(tmp_path / "c*.txt")], vocab_size=300, sft_path=str(sft),
+                   progress=False)
+    assert not (tmp_path / "out").exists()

@@ -64,10 +64,13 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     try:
         metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)
-    except BaseException:
+    except BaseException as err:
         from .stages.common import fail_open_stages
 
         fail_open_stages()
+        if isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)) and not os.environ.get("LLMSTAGES_DEBUG"):
+            # Bad input (a file, a value): the message names it; no traceback wall (LLMSTAGES_DEBUG=1 shows it).
+            sys.exit(f"llmstages {stage}: error: {err}")
         raise
     from rich.console import Console
     from rich.table import Table
@@ -116,7 +119,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
     def app(cfg):
         try:
             metrics = run_stage(stage, cfg, cfg.get("out_dir") or HydraConfig.get().runtime.output_dir,
-                                source=f"conf/entry/{stage}.yaml")
+                                source="config (conf/ + command-line overrides)")
         except ConfigError as err:
             sys.exit(f"llmstages {stage}: {err}")
         return metrics.get(objective)
@@ -127,13 +130,22 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
 
 
 def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> Path:
-    """Compose ``conf/config.yaml`` with ``overrides`` into ``output`` exactly as DVC's Hydra composition does."""
+    """Compose ``conf/config.yaml`` with ``overrides`` into ``output`` exactly as DVC's Hydra composition does.
+
+    Raises:
+        hydra.errors.HydraException: for an unknown key or group option in ``overrides``.
+        llmstages.config.ConfigError: when a stage section fails validation (nothing is written then).
+    """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
     OmegaConf.resolve(cfg)
+    from .config import validate
+
+    for stage in STAGES:  # refuse to write a params file that a stage would reject
+        validate(stage, cfg[stage], source="composed params")
     Path(output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     return Path(output)
 
@@ -143,7 +155,14 @@ def _params_cmd(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sft.optim.lr=1e-4")
     parser.add_argument("-o", "--output", default="params.yaml")
     args = parser.parse_args(argv)
-    print(compose_params(args.overrides, args.output))
+    from hydra.errors import HydraException
+
+    from .config import ConfigError
+
+    try:
+        print(compose_params(args.overrides, args.output))
+    except (HydraException, ConfigError) as err:
+        sys.exit(f"llmstages params: {err}")
     return 0
 
 

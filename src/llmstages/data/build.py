@@ -389,11 +389,13 @@ def _build_into(tmp: Path, *, corpus, max_corpus_mb, vocab_size, val_fraction, s
                 heldout_fraction, sft_path, preference_path, progress) -> dict:
     # Task sets first: user-file errors surface before the expensive corpus work.
     tasks = _default_tasks(arithmetic_max, seed, heldout_fraction)
-    if sft_path:
-        tasks["sft_train"], tasks["sft_val"] = _split_rows(read_jsonl(sft_path, SFT_FIELDS), heldout_fraction, seed)
-    if preference_path:
-        tasks["pref_train"], tasks["pref_val"] = _split_rows(
-            read_jsonl(preference_path, PREF_FIELDS), heldout_fraction, seed)
+    for kind, path, fields in (("sft", sft_path, SFT_FIELDS), ("pref", preference_path, PREF_FIELDS)):
+        if path:
+            tasks[f"{kind}_train"], tasks[f"{kind}_val"] = _split_rows(read_jsonl(path, fields), heldout_fraction, seed)
+            if not tasks[f"{kind}_train"] or not tasks[f"{kind}_val"]:
+                raise ValueError(f"{path}: {len({r['prompt'] for r in read_jsonl(path, fields)})} distinct prompt(s); "
+                                 f"at least 2 are needed so that one can be held out (data.heldout_fraction="
+                                 f"{heldout_fraction})")
 
     sources = _user_sources(list(corpus)) if corpus else _stdlib_sources(seed)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
