@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import ROOT, TINY
 
@@ -55,7 +56,7 @@ def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
     run(args, tmp_path)
     jobs = sorted((tmp_path / "outputs/multirun/sft").glob("*/*/metrics.json"))
     assert len(jobs) == 2
-    lrs = sorted(__import__("yaml").safe_load((j.parent / "config.yaml").read_text())["optim"]["lr"] for j in jobs)
+    lrs = sorted(yaml.safe_load((j.parent / "config.yaml").read_text())["optim"]["lr"] for j in jobs)
     assert lrs == [1e-4, 3e-4]
 
 

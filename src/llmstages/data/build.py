@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from llmstages.checkpoint import write_json
 from llmstages.tokenizer import EOS_ID, save_tokenizer, train_tokenizer
 
 MB = 1_000_000  #: bytes per "megabyte" in ``max_corpus_mb`` / ``corpus_mb``
@@ -309,10 +310,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 # --------------------------------------------------------------------------- stage
 def build_data(
     out_dir: str | Path,
@@ -440,8 +437,8 @@ def _build_into(tmp: Path, *, corpus, max_corpus_mb, vocab_size, val_fraction, s
                         for name, rows in sorted(tasks.items())},
         "seed": seed,
     }
-    _write_json(tmp / "meta.json", meta)
-    _write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "meta.json", meta)
+    write_json(tmp / "metrics.json", metrics)
     return metrics
 
 

@@ -23,7 +23,7 @@ from ..evaluation import answer_metrics, eval_subset, full_attention, generate_a
 from ..generation import generate
 from ..losses import gae, kl_estimate, masked_mean, ppo_policy_loss, token_entropy, token_logprobs, value_loss, whiten
 from ..model import GPT, ScalarHead, param_groups
-from ..tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from ..tokenizer import EOS_ID, PAD_ID, encode_prompt, load_tokenizer
 from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
 
 
@@ -109,8 +109,6 @@ class PPOModule(L.LightningModule):
 @torch.no_grad()
 def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int, estimator: str) -> float:
     """Mean over prompts of the summed per-token KL estimate (nats) on responses sampled from ``policy``."""
-    from ..tokenizer import encode_prompt
-
     g = generate(policy, [encode_prompt(tok, p) for p in prompts], max_new_tokens, EOS_ID, PAD_ID, temperature=1.0)
     attn, pos = full_attention(g.attention_mask)
     P, resp, mask = g.prompt_len, g.responses, g.response_mask.float()
