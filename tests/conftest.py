@@ -21,8 +21,10 @@ TINY = {
             "trainer.val_check_interval=10", "optim.warmup_steps=2", *FAST],
     "reward": ["batch_size=16", "max_len=64", "trainer.max_steps=20", "trainer.val_check_interval=10",
                "optim.warmup_steps=2", *FAST],
-    "rlhf": ["eval_limit=16", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4", "ppo.max_new_tokens=8",
-             "trainer.max_steps=8", "optim.warmup_steps=1", *FAST],
+    "rlhf": ["eval_limit=16", "eval_max_new_tokens=8", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4",
+             "ppo.max_new_tokens=8", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.minibatch_size=4",
+             "grpo.max_new_tokens=8", "dpo.batch_size=8", "dpo.max_len=64", "trainer.max_steps=8",
+             "optim.warmup_steps=1", *FAST],
 }
 
 

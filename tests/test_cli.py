@@ -44,6 +44,21 @@ def test_bad_override_names_the_key(tmp_path):
     assert p.returncode != 0 and "max_stepz" in p.stderr
 
 
+def test_stage_prefix_is_optional_in_overrides():
+    from llmstages.cli import strip_stage_prefix
+
+    assert strip_stage_prefix("rlhf", "rlhf.algorithm=dpo") == "algorithm=dpo"
+    assert strip_stage_prefix("rlhf", "+rlhf.x=1") == "+x=1" and strip_stage_prefix("rlhf", "~rlhf.x") == "~x"
+    assert strip_stage_prefix("rlhf", "algorithm=dpo") == "algorithm=dpo"
+    assert strip_stage_prefix("sft", "rlhf.algorithm=dpo") == "rlhf.algorithm=dpo"  # another stage's key: untouched
+
+
+def test_unknown_rlhf_algorithm_is_a_one_line_error(tmp_path):
+    p = run(["rlhf", "rlhf.algorithm=reinforce", "logger=none"], tmp_path, check=False)
+    assert p.returncode != 0 and "rlhf.algorithm" in p.stderr and "reinforce" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
 def test_missing_upstream_output_is_a_clear_error(tmp_path):
     p = run(["sft", "init_from=nowhere", *TINY["sft"], "logger=none"], tmp_path, check=False)
     assert p.returncode != 0 and "nowhere" in p.stderr

@@ -63,6 +63,27 @@ def test_bad_value_names_the_key():
         validate("rlhf", compose("rlhf", ["ppo.kl_estimator=k9"]))
 
 
+@pytest.mark.parametrize("override,key", [("algorithm=reinforce", "rlhf.algorithm"), ("grpo.group_size=1", "grpo.group_size"),
+                                          ("grpo.minibatch_size=5", "grpo.minibatch_size"), ("dpo.beta=0", "dpo.beta"),
+                                          ("ppo.reward=length", "ppo.reward"), ("ppo.kl_target=-1", "ppo.kl_target")])
+def test_bad_rlhf_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate("rlhf", compose("rlhf", [override]))
+
+
+def test_each_algorithm_has_its_own_group_with_paper_defaults():
+    group = {a: OmegaConf.load(CONF / "rlhf_algorithm" / f"{a}.yaml") for a in ("ppo", "dpo", "grpo")}
+    assert group["dpo"].beta == 0.1 and group["dpo"].sft_coef == 0.0  # Rafailov et al. 2023
+    g = group["grpo"]
+    assert g.kl_coef == 0.04 and g.clip_range == 0.2 and g.epochs == 1 and g.reward == "model"  # Shao et al. 2024
+    p = group["ppo"]
+    assert p.clip_range == 0.2 and p.lam == 0.95 and p.gamma == 1.0 and p.reward == "model"  # Huang et al. 2024
+    cfg = validate("rlhf", compose("rlhf"))  # the pipeline's own choices for this task sit on top
+    assert cfg.algorithm == "ppo" and cfg.ppo.reward == "model+exact_match" and cfg.grpo.reward == "exact_match"
+    assert cfg.grpo.kl_coef == 0.04 and cfg.dpo.sft_coef == 2.0
+    assert validate("rlhf", compose("rlhf", ["algorithm=grpo"])).algorithm == "grpo"
+
+
 def test_override_of_unknown_key_fails_in_hydra():
     from hydra.errors import ConfigCompositionException
 

@@ -62,6 +62,9 @@ def test_preference_batch_chosen_then_rejected(tok):
     lengths = b["mask"].sum(1).tolist()
     assert lengths == [len(ds[0][0]), len(ds[0][1])]
     assert b["tokens"][0, lengths[0] - 1] == EOS_ID and b["tokens"][1, lengths[1] - 1] == EOS_ID
+    # DPO's loss mask: the response tokens (and EOS) of each row, nothing of the prompt or padding
+    assert b["loss_mask"][0, :lengths[0]].tolist() == ds[0][2] and b["loss_mask"][1, :lengths[1]].tolist() == ds[0][3]
+    assert b["loss_mask"][0, lengths[0]:].sum() == 0 and b["loss_mask"][0].sum() == 2  # "4" + EOS
 
 
 def test_token_windows_are_shifted_and_deterministic(tmp_path):

@@ -56,10 +56,32 @@ def test_reward_and_rlhf_metrics(tiny_run):
     _, m = tiny_run
     assert 0.0 <= m["reward"]["val_accuracy"] <= 1.0 and m["reward"]["val_pairs"] > 0
     rm = m["rlhf"]
-    for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "kl_to_ref", "rlhf_exact_match_arithmetic"):
+    for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic"):
         assert np.isfinite(rm[key])
     assert rm["steps"] == 8
     assert (tiny_run[0] / "outputs/rlhf/samples.md").read_text().startswith("| prompt |")
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_rlhf_dpo_and_grpo_on_the_tiny_pipeline(tiny_run, algorithm, monkeypatch):
+    from conftest import TINY, compose
+    from llmstages.cli import run_stage
+
+    work, _ = tiny_run
+    monkeypatch.chdir(work)
+    out = f"outputs/rlhf-{algorithm}"
+    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}"]), out, source="test")
+    assert m["algorithm"] == algorithm and m["steps"] == 8
+    for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic",
+                "rlhf_mean_response_tokens", "rlhf_eos_fraction", "time_scoring_s", "time_optimisation_s"):
+        assert np.isfinite(m[key]), key
+    if algorithm == "dpo":
+        assert 0.0 <= m["dpo_val_accuracy"] <= 1.0 and "time_generation_s" not in m
+    else:
+        assert m["time_generation_s"] > 0
+    model, _, _ = load_output(work / out)
+    sft, _, _ = load_output(work / "outputs/sft")
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), sft.parameters()))
 
 
 def test_stage_records_the_values_it_used(tiny_run):

@@ -22,8 +22,9 @@ stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to prin
   pretrain    next-token prediction on the token files            e.g. llmstages pretrain model=tiny trainer.max_steps=50
   sft         supervised fine-tuning on chat-formatted pairs      e.g. llmstages sft -m optim.lr=1e-4,3e-4
   reward      Bradley-Terry reward model on preference pairs
-  rlhf        PPO against the reward model, KL penalty to the SFT reference
+  rlhf        PPO, DPO or GRPO from the SFT model                 e.g. llmstages rlhf algorithm=dpo
 
+  Keys may carry the stage's section as in params.yaml: `llmstages rlhf rlhf.algorithm=grpo` = `algorithm=grpo`.
   A stage given --params FILE (as dvc.yaml does) trains with FILE's section for that stage instead of
   composing conf/, and writes to outputs/<stage>/.
 
@@ -106,6 +107,14 @@ def _params_mode(stage: str, argv: list[str]) -> int:
     return 0
 
 
+def strip_stage_prefix(stage: str, arg: str) -> str:
+    """``rlhf.algorithm=dpo`` -> ``algorithm=dpo`` for ``llmstages rlhf``: keys may be written as in params.yaml
+    (with the stage's section) or as in the stage's own config (without); ``+``/``++``/``~`` prefixes are kept."""
+    sign = arg[: len(arg) - len(arg.lstrip("+~"))]
+    rest = arg[len(sign):]
+    return sign + rest[len(stage) + 1:] if rest.startswith(f"{stage}.") else arg
+
+
 def _hydra_mode(stage: str, argv: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -124,7 +133,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
             sys.exit(f"llmstages {stage}: {err}")
         return metrics.get(objective)
 
-    sys.argv = [f"llmstages {stage}", *argv]
+    sys.argv = [f"llmstages {stage}", *map(lambda a: strip_stage_prefix(stage, a), argv)]
     app()
     return 0
 

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .model import GPTConfig as ModelSchema  # the model section is the architecture itself
 
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
+ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
 
 
 @dataclass
@@ -111,32 +112,71 @@ class RewardSchema(TrainStageSchema):
 
 
 @dataclass
-class PPOSchema:
-    rollout_batch_size: int = 32
+class RolloutSchema:
+    """What PPO and GRPO share: how responses are sampled and rewarded."""
+
     minibatch_size: int = 16
-    ppo_epochs: int = 2
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
+    reward: str = "model"  # model | exact_match | model+exact_match
+    exact_match_weight: float = 1.0
     clip_range: float = 0.2
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0
 
 
 @dataclass
-class RLHFSchema(TrainStageSchema):
-    algorithm: str = "ppo"
+class PPOSchema(RolloutSchema):
+    rollout_batch_size: int = 32
+    ppo_epochs: int = 2
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: Optional[float] = None  # None: fixed kl_coef; else adaptive (Ziegler et al. 2019)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.1
+    value_model: str = "reward_model"  # reward_model (separate critic initialised from it) | policy_head
+    whiten_advantages: bool = True
+    reward_norm: bool = False
+    reward_clip: float = 0.0  # 0 = off
+
+
+@dataclass
+class DPOSchema:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    sft_coef: float = 0.0  # RPO: weight of the chosen responses' NLL
+    batch_size: int = 16
+    max_len: int = 128
+
+
+@dataclass
+class GRPOSchema(RolloutSchema):
+    prompts_per_step: int = 8
+    group_size: int = 8
+    epochs: int = 1
+    kl_coef: float = 0.04
+
+
+@dataclass
+class RLHFSchema:
+    algorithm: str = "ppo"  # ppo | dpo | grpo: which of the sections below is used
+    ppo: PPOSchema = field(default_factory=PPOSchema)
+    dpo: DPOSchema = field(default_factory=DPOSchema)
+    grpo: GRPOSchema = field(default_factory=GRPOSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    data_dir: str = "outputs/data"
     policy_from: str = "outputs/sft"
     reward_from: str = "outputs/reward"
-    ppo: PPOSchema = field(default_factory=PPOSchema)
+    out_dir: Optional[str] = None
     eval_limit: int = 200
+    eval_max_new_tokens: int = 24
+    num_workers: int = 0
 
 
 SCHEMAS: dict[str, type] = {
@@ -185,11 +225,24 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             if b not in ("mlflow", "wandb", "csv"):
                 bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
     if stage == "rlhf":
-        if cfg.algorithm not in ("ppo",):
-            bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; available: ppo")
+        if cfg.algorithm not in ALGORITHMS:
+            bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+        for algo in ("ppo", "grpo"):
+            if cfg[algo].reward not in ("model", "exact_match", "model+exact_match"):
+                bad(f"{algo}.reward", f"expected model, exact_match or model+exact_match, got {cfg[algo].reward!r}")
+        if cfg.ppo.value_model not in ("reward_model", "policy_head"):
+            bad("ppo.value_model", f"expected reward_model or policy_head, got {cfg.ppo.value_model!r}")
         if cfg.ppo.kl_estimator not in ("k1", "k2", "k3"):
             bad("ppo.kl_estimator", f"expected k1, k2 or k3, got {cfg.ppo.kl_estimator!r}")
         if cfg.ppo.rollout_batch_size % cfg.ppo.minibatch_size:
             bad("ppo.minibatch_size", "must divide ppo.rollout_batch_size")
+        if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
+            bad("ppo.kl_target", f"must be > 0 (or null for a fixed kl_coef), got {cfg.ppo.kl_target}")
+        if cfg.grpo.group_size < 2:
+            bad("grpo.group_size", f"must be >= 2 (advantages are relative to the group), got {cfg.grpo.group_size}")
+        if (cfg.grpo.prompts_per_step * cfg.grpo.group_size) % cfg.grpo.minibatch_size:
+            bad("grpo.minibatch_size", "must divide grpo.prompts_per_step * grpo.group_size")
+        if cfg.dpo.beta <= 0:
+            bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
     if stage == "data" and not 0 < cfg.val_fraction < 1:
         bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")

@@ -2,7 +2,8 @@
 
 Prompts of different lengths are left-padded; the attention mask hides padding keys and the position
 ids are taken from the mask, so a prompt's continuation does not depend on its neighbours' lengths.
-Each row stops at its first EOS; the loop ends when all rows have stopped.
+Each row stops at its first EOS; finished rows are dropped from the batch (and the KV cache) once a
+quarter of the running rows have finished, and the loop ends when all rows have stopped.
 """
 
 from __future__ import annotations
@@ -104,15 +105,23 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     resp_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    rows = torch.arange(B, device=device)  # batch rows still in the cache ("active"), in cache order
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per active row: EOS emitted
     for t in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_k, top_p, generator)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        out[:, t] = nxt
-        resp_mask[:, t] = (~finished).long()
-        finished |= nxt == eos_id
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[rows, t] = nxt
+        resp_mask[rows, t] = (~done).long()
+        done |= nxt == eos_id
+        if bool(done.all()) or t == max_new_tokens - 1:
+            finished[rows] = done
             out, resp_mask = out[:, : t + 1], resp_mask[:, : t + 1]
             break
+        if int(done.sum()) * 4 >= len(rows):  # drop finished rows so they stop costing compute
+            finished[rows[done]] = True
+            keep = ~done
+            rows, nxt, next_pos, key_mask, done = rows[keep], nxt[keep], next_pos[keep], key_mask[keep], done[keep]
+            cache.select(keep)
         key_mask[:, P + t] = True
         logits = model(nxt[:, None], positions=next_pos[:, None], attn_mask=key_mask[:, None, : P + t + 1],
                        cache=cache)[:, -1]

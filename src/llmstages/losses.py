@@ -147,3 +147,99 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
         err = torch.maximum(err, (clipped - returns) ** 2)
     return 0.5 * masked_mean(err, mask)
+
+
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability ``(B,)`` in nats of the masked ``targets`` ``(B, T)`` under ``logits`` ``(B, T, V)``.
+
+    Log-softmax runs in float32 whatever the logits' dtype (bf16 log-probs are too coarse for DPO ratios).
+    """
+    return (token_logprobs(logits, targets) * mask.to(torch.float32)).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization loss (Rafailov et al. 2023, eq. 7), mean over pairs.
+
+    ``loss = -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])``. With
+    ``label_smoothing = ε > 0`` the conservative variant (cDPO, Mitchell 2023) is used:
+    ``-(1-ε) log σ(βh) - ε log σ(-βh)``.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: summed response log-probabilities ``(B,)``
+            in nats (see :func:`sequence_logprobs`).
+
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``: the implicit rewards ``β (log π - log π_ref)`` ``(B,)``
+        of §5, detached.
+    """
+    chosen = policy_chosen.float() - ref_chosen.float()
+    rejected = policy_rejected.float() - ref_rejected.float()
+    h = beta * (chosen - rejected)
+    loss = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    return loss.mean(), (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, §4.1.2): each reward normalised within its group.
+
+    ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)`` with the sample standard deviation. ``rewards``
+    ``(B,)`` holds ``B / group_size`` consecutive groups. A group whose rewards are all equal gets zero
+    advantages (no NaN); a group of one sample likewise.
+
+    Raises:
+        ValueError: if ``B`` is not a multiple of ``group_size``.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+    return (centred / (std.nan_to_num(0.0) + eps)).view(-1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, clip_range: float = 0.2,
+              kl_coef: float = 0.04) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO objective (Shao et al. 2024, eq. 3), negated for minimisation.
+
+    Per token: the PPO clipped surrogate with the sequence's advantage, minus ``kl_coef`` times the k3
+    estimate of KL(π || π_ref) (eq. 4); averaged over each response's tokens, then over responses.
+
+    Args:
+        logp, old_logp, ref_logp, mask: ``(B, T)`` response-token log-probabilities (nats) and validity mask.
+        advantages: ``(B,)`` group-normalised advantages (see :func:`group_advantages`).
+
+    Returns:
+        ``(loss, clip_fraction, kl)``: ``kl`` is the mean per-token k3 estimate (nats), detached.
+    """
+    mask = mask.to(torch.float32)
+    ratio = torch.exp(logp.float() - old_logp.float())
+    adv = advantages.float()[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    kl = kl_estimate(logp, ref_logp, "k3")
+    per_token = torch.maximum(unclipped, clipped) + kl_coef * kl
+    lengths = mask.sum(1).clamp(min=1.0)
+    loss = ((per_token * mask).sum(1) / lengths).mean()
+    return loss, masked_mean((clipped > unclipped).float(), mask), masked_mean(kl, mask).detach()
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, §2.2): the next KL coefficient.
+
+    ``e = clip(kl / target - 1, -0.2, 0.2)`` and ``coef * (1 + e * n_steps / horizon)``, where ``kl`` is the
+    observed KL (nats per response) of the last batch of ``n_steps`` samples.
+    """
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_steps / horizon)
+
+
+def normalise_scores(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Scores ``(B,)`` whitened over the batch: zero mean, unit variance (only centred when ``B < 2``).
+
+    Reward normalisation as in Huang et al. (2024); clipping, if wanted, is applied by the caller after it.
+    """
+    s = scores.float() - scores.float().mean()
+    return s / (s.std() + eps) if s.numel() > 1 else s

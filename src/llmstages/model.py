@@ -93,6 +93,11 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch ``rows`` (indices or a boolean mask ``(B,)``), e.g. to drop finished sequences."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:

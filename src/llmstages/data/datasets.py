@@ -99,7 +99,8 @@ def collate_sft(batch) -> dict[str, torch.Tensor]:
 
 
 class PreferenceDataset(Dataset):
-    """Chosen/rejected pairs, each rendered as a full chat: item ``(chosen_ids, rejected_ids)``."""
+    """Chosen/rejected pairs, each rendered as a full chat: item ``(chosen_ids, rejected_ids, chosen_loss_mask,
+    rejected_loss_mask)``, the masks 1 on response tokens (and EOS)."""
 
     def __init__(self, rows: list[dict], tok, max_len: int) -> None:
         self.items = []
@@ -107,7 +108,7 @@ class PreferenceDataset(Dataset):
             c = encode_sft(tok, r["prompt"], r["chosen"], max_len)
             j = encode_sft(tok, r["prompt"], r["rejected"], max_len)
             if c and j:
-                self.items.append((c[0], j[0]))
+                self.items.append((c[0], j[0], c[1], j[1]))
         if not self.items:
             raise ValueError("preference set is empty after encoding")
 
@@ -119,9 +120,11 @@ class PreferenceDataset(Dataset):
 
 
 def collate_pairs(batch) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded: ``tokens``/``mask`` ``(2B, T)``."""
+    """Chosen rows then rejected rows, right-padded, all ``(2B, T)``: ``tokens``, ``mask`` (1 on real tokens) and
+    ``loss_mask`` (1 on response tokens)."""
     seqs = [b[0] for b in batch] + [b[1] for b in batch]
-    return {"tokens": _pad_right(seqs, PAD_ID), "mask": _pad_right([[1] * len(s) for s in seqs], 0)}
+    return {"tokens": _pad_right(seqs, PAD_ID), "mask": _pad_right([[1] * len(s) for s in seqs], 0),
+            "loss_mask": _pad_right([b[2] for b in batch] + [b[3] for b in batch], 0)}
 
 
 class PromptDataset(Dataset):

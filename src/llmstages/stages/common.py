@@ -175,3 +175,21 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def seed_everything(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
+
+
+def freeze(*modules: torch.nn.Module) -> None:
+    """Frozen models (reference, reward model): no gradients, eval mode."""
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False).eval()
+
+
+def manual_step(module: L.LightningModule, loss: torch.Tensor, grad_clip: float) -> None:
+    """One optimizer and LR-scheduler step under Lightning's manual optimization (gradient-norm clipping)."""
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    opt.zero_grad()
+    module.manual_backward(loss)
+    if grad_clip:
+        module.clip_gradients(opt, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    opt.step()
+    sched.step()

@@ -1,120 +1,47 @@
-"""RLHF with PPO: the SFT policy (plus a value head) optimised against the frozen reward model, with a
-per-token KL penalty to the frozen SFT reference.
+"""The rlhf stage: the SFT policy improved by PPO, DPO or GRPO (``rlhf.algorithm``), then evaluated side by side
+with the SFT model on held-out prompts.
 
-Recipe: Ziegler et al. (2019), Ouyang et al. (2022) and Huang et al. (2024), "The N+ implementation
-details of RLHF with PPO": the reward-model score is placed on the last generated token, every token is
-charged ``-kl_coef * KL_t``, advantages come from GAE (whitened over valid tokens), and each rollout batch is
-used for ``ppo_epochs`` passes of clipped policy and value updates in minibatches. Lightning's manual
-optimization runs those updates inside ``training_step``; ``trainer.max_steps`` counts optimizer steps.
+Each algorithm's whole step logic is one short module: :mod:`.ppo`, :mod:`.dpo`, :mod:`.grpo`. This file loads
+the models and data, runs the chosen one inside the Lightning Trainer, and evaluates: mean reward-model score,
+win rate under the reward model, exact match on held-out arithmetic, mean KL to the reference, response length
+and EOS rate, plus a table of sample responses (``samples.md``). The run's time is split into generation,
+scoring and optimisation, in the log, the trackers (``time/*``) and ``metrics.json`` (``time_*_s``).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PromptDataset, collate_prompts, read_jsonl, PROMPT_FIELDS
-from ..evaluation import answer_metrics, eval_subset, full_attention, generate_answers, reward_scores
-from ..generation import generate
-from ..losses import gae, kl_estimate, masked_mean, ppo_policy_loss, token_entropy, token_logprobs, value_loss, whiten
-from ..model import GPT, ScalarHead, param_groups
-from ..tokenizer import EOS_ID, PAD_ID, encode_prompt, load_tokenizer
-from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+from ..data.datasets import (PREFERENCE_FIELDS, PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs,
+                             collate_prompts, read_jsonl)
+from ..evaluation import answer_metrics, eval_subset, generate_answers, reward_scores
+from ..losses import kl_estimate
+from ..model import GPT, ScalarHead
+from ..rollout import response_logprobs, sample, sequence_reward_fn
+from ..tokenizer import encode_prompt, load_tokenizer
+from .common import Stage, optim_kwargs, seed_everything
+from .dpo import DPOModule
+from .grpo import GRPOModule
+from .ppo import PPOModule
 
-
-class PPOModule(L.LightningModule):
-    """PPO for a causal LM. Shapes: ``B`` rollouts, ``P`` padded prompt length, ``N`` response length."""
-
-    def __init__(self, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, optim: dict,
-                 ppo: dict, grad_clip: float) -> None:
-        super().__init__()
-        self.policy, self.value_head = policy, ScalarHead(policy.cfg.d_model)
-        self.reference, self.reward_model, self.reward_head = reference, reward_model, reward_head
-        for frozen in (reference, reward_model, reward_head):
-            frozen.requires_grad_(False).eval()
-        self.optim, self.ppo, self.grad_clip = optim, ppo, grad_clip
-        self.automatic_optimization = False
-
-    def forward_response(self, model: GPT, tokens, attn, pos, P: int, value_head: ScalarHead | None = None):
-        """Logits ``(B, N, V)`` predicting the response tokens, and values ``(B, N)`` when a head is given."""
-        h = model.hidden(tokens, positions=pos, attn_mask=attn)[:, P - 1:-1]
-        return model.lm_head(h), (value_head(h) if value_head is not None else None)
-
-    @torch.no_grad()
-    def rollout(self, prompts: list[list[int]]) -> dict:
-        """Sample responses and compute everything PPO needs, without gradients."""
-        c = self.ppo
-        g = generate(self.policy, prompts, c["max_new_tokens"], EOS_ID, PAD_ID, temperature=c["temperature"],
-                     top_k=c["top_k"], top_p=c["top_p"])
-        tokens, amask, rmask = g.tokens.clone(), g.attention_mask.clone(), g.response_mask.clone().float()
-        finished, P = g.finished.clone(), g.prompt_len
-        attn, pos = full_attention(amask)
-        resp = tokens[:, P:]
-        logits, values = self.forward_response(self.policy, tokens, attn, pos, P, self.value_head)
-        logp = token_logprobs(logits, resp)
-        ref_logits, _ = self.forward_response(self.reference, tokens, attn, pos, P)
-        ref_logp = token_logprobs(ref_logits, resp)
-        score = reward_scores(self.reward_model, self.reward_head, tokens, amask)
-        score = score - c["missing_eos_penalty"] * (~finished).float()
-        kl = kl_estimate(logp, ref_logp, c["kl_estimator"]) * rmask
-        rewards = -c["kl_coef"] * kl
-        last = (rmask.sum(1).long() - 1).clamp(min=0)
-        rewards[torch.arange(len(last)), last] += score
-        adv, returns = gae(rewards, values.float() * rmask, rmask, c["gamma"], c["lam"])
-        if c["whiten_advantages"]:
-            adv = whiten(adv, rmask)
-        return dict(tokens=tokens, attn=attn, pos=pos, P=P, resp=resp, mask=rmask, logp=logp, values=values.float(),
-                    adv=adv, returns=returns, score=score, kl=kl.sum(1), entropy=masked_mean(token_entropy(logits), rmask),
-                    length=rmask.sum(1), finished=finished.float())
-
-    def training_step(self, batch, batch_idx):
-        c = self.ppo
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        r = self.rollout([b["prompt_ids"] for b in batch])
-        B, stats = r["tokens"].shape[0], []
-        for _ in range(c["ppo_epochs"]):
-            for idx in torch.randperm(B).split(c["minibatch_size"]):
-                logits, values = self.forward_response(self.policy, r["tokens"][idx], r["attn"][idx], r["pos"][idx],
-                                                       r["P"], self.value_head)
-                logp = token_logprobs(logits, r["resp"][idx])
-                mask = r["mask"][idx]
-                pg_loss, clipfrac = ppo_policy_loss(logp, r["logp"][idx], r["adv"][idx], mask, c["clip_range"])
-                vf_loss = value_loss(values, r["values"][idx], r["returns"][idx], mask, c["value_clip_range"])
-                loss = pg_loss + c["vf_coef"] * vf_loss
-                opt.zero_grad()
-                self.manual_backward(loss)
-                if self.grad_clip:
-                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
-                stats.append(torch.stack([pg_loss.detach(), vf_loss.detach(), clipfrac.detach()]))
-        pg, vf, cf = torch.stack(stats).mean(0)
-        self.log_dict({"train/reward": r["score"].mean(), "train/kl": r["kl"].mean(), "train/policy_loss": pg,
-                       "train/value_loss": vf, "train/clipfrac": cf, "train/entropy": r["entropy"],
-                       "train/response_tokens": r["length"].mean(), "train/eos_fraction": r["finished"].mean()},
-                      prog_bar=False, batch_size=B)
-        self.log("reward", r["score"].mean(), prog_bar=True, logger=False, batch_size=B)
-
-    def configure_optimizers(self):
-        groups = param_groups(self.policy, self.optim["weight_decay"]) + [{"params": self.value_head.parameters(),
-                                                                           "weight_decay": 0.0}]
-        return adamw_with_schedule(groups, **self.optim)
+log = logging.getLogger("llmstages")
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int, estimator: str) -> float:
-    """Mean over prompts of the summed per-token KL estimate (nats) on responses sampled from ``policy``."""
-    g = generate(policy, [encode_prompt(tok, p) for p in prompts], max_new_tokens, EOS_ID, PAD_ID, temperature=1.0)
-    attn, pos = full_attention(g.attention_mask)
-    P, resp, mask = g.prompt_len, g.responses, g.response_mask.float()
-    logp = token_logprobs(policy.lm_head(policy.hidden(g.tokens, positions=pos, attn_mask=attn)[:, P - 1:-1]), resp)
-    ref = token_logprobs(reference.lm_head(reference.hidden(g.tokens, positions=pos, attn_mask=attn)[:, P - 1:-1]), resp)
-    return float((kl_estimate(logp, ref, estimator) * mask).sum(1).mean())
+def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int) -> float:
+    """Mean KL(policy || reference) per response, in nats: the k3 estimate (unbiased, never negative) summed over
+    the tokens of one response sampled from ``policy`` (temperature 1) per prompt, averaged over prompts."""
+    r = sample(policy, [encode_prompt(tok, p) for p in prompts], max_new_tokens)
+    logp, _ = response_logprobs(policy, r)
+    ref_logp, _ = response_logprobs(reference, r)
+    return float((kl_estimate(logp, ref_logp, "k3") * r.mask).sum(1).mean())
 
 
 def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, rows: list[dict],
@@ -125,33 +52,61 @@ def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, ro
     return {**answer_metrics(rows, texts, gens), "reward": float(scores.mean())}, scores, texts
 
 
+def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
+          data_dir: Path):
+    """The LightningModule of ``cfg.algorithm`` with its training (and, for DPO, validation) data loader."""
+    algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
+    if algo == "dpo":
+        c = dict(cfg.dpo)
+        train, val = (PreferenceDataset(read_jsonl(data_dir / f"pref_{s}.jsonl", PREFERENCE_FIELDS), tok, c["max_len"])
+                      for s in ("train", "val"))
+        kw = dict(batch_size=c["batch_size"], collate_fn=collate_pairs, num_workers=cfg.num_workers)
+        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, shuffle=True, drop_last=True, **kw),
+                DataLoader(val, **kw))
+    c = dict(cfg[algo])
+    prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok,
+                            policy.cfg.max_seq_len - c["max_new_tokens"])
+    reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"])
+    module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
+    loader = DataLoader(prompts, batch_size=n, shuffle=True, drop_last=True, collate_fn=collate_prompts)
+    frozen = (reward_model, reward_head) if "model" in c["reward"] else ()
+    critic = {}
+    if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
+        critic = dict(critic=copy.deepcopy(reward_model).requires_grad_(True).train(),
+                      critic_head=copy.deepcopy(reward_head).requires_grad_(True).train())
+    return module_cls(policy, reference, reward_fn, optim, c, clip, frozen, **critic), loader, None
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """PPO from ``policy_from`` against ``reward_from``; return held-out metrics of SFT and RLHF side by side."""
+    """Train the SFT policy with ``cfg.algorithm``; return held-out metrics of SFT and RLHF side by side."""
     seed_everything(cfg.trainer.seed)
     data_dir, sft_dir, rm_dir = Path(cfg.data_dir), Path(cfg.policy_from), Path(cfg.reward_from)
     policy, _, _ = load_output(sft_dir)
     reference, _, _ = load_output(sft_dir)
     reward_model, reward_head, _ = load_output(rm_dir, with_head=True)
     tok = load_tokenizer(sft_dir / "tokenizer.json")
-    c = dict(cfg.ppo)
-    max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
-    train = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
+    module, train_dl, val_dl = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
-    sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, c["max_new_tokens"])
+    max_new = cfg.eval_max_new_tokens
+    sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new)
 
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])
-    module = PPOModule(policy, reference, reward_model, reward_head, optim_kwargs(cfg), c, cfg.optim.grad_clip)
-    trainer = stage.trainer(gradient_clip_val=None, limit_val_batches=0)
-    dl = DataLoader(train, batch_size=c["rollout_batch_size"], shuffle=True, drop_last=True,
-                    collate_fn=collate_prompts)
-    resumed = stage.fit(trainer, module, dl)
-    rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, c["max_new_tokens"])
+    trainer = stage.trainer(gradient_clip_val=None, **({} if val_dl else {"limit_val_batches": 0}))
+    resumed = stage.fit(trainer, module, train_dl, val_dl)
+    log.info("rlhf (%s) time: %s", cfg.algorithm, module.timer.summary())
+    extra = {}
+    if val_dl is not None:  # DPO: implicit-reward accuracy and margin over all held-out pairs
+        trainer.limit_val_batches = 1.0
+        final = trainer.validate(module, val_dl, verbose=False)[0]
+        extra = {"dpo_val_accuracy": final["val/accuracy"], "dpo_val_reward_margin": final["val/reward_margin"]}
+    rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new)
     wins = (rl_scores > sft_scores).float() + 0.5 * (rl_scores == sft_scores).float()
     prompts = [r["prompt"] for r in rows]
     metrics = {**{f"rlhf_{k}": v for k, v in rl_m.items()}, **{f"sft_{k}": v for k, v in sft_m.items()},
                "win_rate_vs_sft": float(wins.mean()),
-               "kl_to_ref": sequence_kl(policy, reference, tok, prompts, c["max_new_tokens"], c["kl_estimator"]),
-               "steps": trainer.global_step, "resumed_from_step": resumed}
+               "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new), "sft_kl_to_ref": 0.0,
+               "algorithm": cfg.algorithm, "steps": trainer.global_step, "resumed_from_step": resumed,
+               **extra, **{f"time_{k}_s": round(v, 1) for k, v in module.timer.seconds.items()}}
     samples = out_dir / "samples.md"
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["| prompt | answer | SFT | RLHF |", "|---|---|---|---|"]
@@ -159,5 +114,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         cells = [row["prompt"], row.get("answer", ""), s, r]
         lines.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in cells) + " |")
     samples.write_text("\n".join(lines) + "\n")
-    save_output(out_dir, policy, sft_dir / "tokenizer.json", stage.meta(metrics=metrics), head=module.value_head)
+    head = getattr(module, "value_head", None)
+    save_output(out_dir, policy, sft_dir / "tokenizer.json", stage.meta(metrics=metrics), head=head)
     return stage.finish(metrics, artifacts=[samples])

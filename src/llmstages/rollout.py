@@ -1,0 +1,135 @@
+"""What on-policy RL (PPO, GRPO) shares: sampling a batch of responses, per-token log-probabilities of the
+responses under a model, sequence rewards, and a timer that splits a run into generation, scoring and
+optimisation.
+
+Shapes: ``B`` responses, ``P`` padded prompt length, ``N`` response length, ``T = P + N``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .evaluation import full_attention, normalise, reward_scores
+from .generation import generate
+from .losses import token_logprobs
+from .model import GPT, ScalarHead
+from .tokenizer import EOS_ID, PAD_ID, decode
+
+REWARDS = ("model", "exact_match", "model+exact_match")
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses.
+
+    Attributes:
+        tokens: ``(B, T)`` left-padded prompts then responses; ``P`` is the padded prompt length.
+        attn: ``(B, T, T)`` causal attention mask over real tokens; ``pos``: ``(B, T)`` position ids.
+        mask: ``(B, N)`` float, 1 on generated tokens up to and including EOS.
+        finished: ``(B,)`` True where the response ended with EOS.
+    """
+
+    tokens: torch.Tensor
+    attn: torch.Tensor
+    pos: torch.Tensor
+    P: int
+    mask: torch.Tensor
+    finished: torch.Tensor
+    token_mask: torch.Tensor  # (B, T) 1 on real tokens, for the reward model
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """Response ids ``(B, N)`` (PAD after EOS)."""
+        return self.tokens[:, self.P:]
+
+    def rows(self, idx: torch.Tensor) -> "Rollout":
+        """The sub-batch ``idx`` (a minibatch)."""
+        return Rollout(self.tokens[idx], self.attn[idx], self.pos[idx], self.P, self.mask[idx], self.finished[idx],
+                       self.token_mask[idx])
+
+
+def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0) -> Rollout:
+    """Sample one response per prompt (lists of ids; repeat a prompt for several) with the KV cache."""
+    g = generate(policy, prompts, max_new_tokens, EOS_ID, PAD_ID, temperature=temperature, top_k=top_k, top_p=top_p)
+    amask = g.attention_mask.clone()
+    attn, pos = full_attention(amask)
+    return Rollout(g.tokens.clone(), attn, pos, g.prompt_len, g.response_mask.clone().float(), g.finished.clone(),
+                   amask)
+
+
+def response_hidden(model: GPT, r: Rollout) -> torch.Tensor:
+    """Hidden states ``(B, N, D)`` at the positions that predict each response token."""
+    return model.hidden(r.tokens, positions=r.pos, attn_mask=r.attn)[:, r.P - 1:-1]
+
+
+def response_logprobs(model: GPT, r: Rollout, value_head: ScalarHead | None = None):
+    """Log-probabilities ``(B, N)`` (float32, nats) of the response tokens under ``model``, and the logits
+    ``(B, N, V)``; with ``value_head``, also its values ``(B, N)``."""
+    h = response_hidden(model, r)
+    logits = model.lm_head(h)
+    logp = token_logprobs(logits, r.responses)
+    if value_head is None:
+        return logp, logits
+    return logp, logits, value_head(h).float()
+
+
+RewardFn = Callable[["Rollout", list[str]], torch.Tensor]
+"""A sequence reward: ``(rollout, reference answers) -> (B,)`` float scores, one per response."""
+
+
+def sequence_reward_fn(kind: str, tok, reward_model: GPT | None = None, reward_head: ScalarHead | None = None,
+                       exact_match_weight: float = 1.0) -> RewardFn:
+    """The reward of each whole response, as a :data:`RewardFn`.
+
+    ``kind="model"``: the reward model's score at the last real token (EOS or truncation point).
+    ``kind="exact_match"``: ``exact_match_weight`` where the decoded response equals the row's reference answer
+    after whitespace normalisation (a verifiable reward, meaningful for the arithmetic set), else 0.0.
+    ``kind="model+exact_match"``: the sum of the two.
+
+    Raises:
+        ValueError: for an unknown ``kind``, or a reward-model kind without a reward model.
+    """
+    parts = kind.split("+")
+    if not parts or any(p not in ("model", "exact_match") for p in parts) or len(set(parts)) < len(parts):
+        raise ValueError(f"unknown reward {kind!r}; expected one of {', '.join(REWARDS)}")
+    if "model" in parts and (reward_model is None or reward_head is None):
+        raise ValueError(f"reward {kind!r} needs a reward model and its head")
+
+    def reward(r: Rollout, answers: list[str]) -> torch.Tensor:
+        total = torch.zeros(r.tokens.shape[0], device=r.tokens.device)
+        if "model" in parts:
+            total += reward_scores(reward_model, reward_head, r.tokens, r.token_mask)
+        if "exact_match" in parts:
+            texts = [decode(tok, row.tolist()) for row in r.responses]
+            hits = [float(bool(a) and normalise(t) == normalise(a)) for t, a in zip(texts, answers)]
+            total += exact_match_weight * torch.tensor(hits, device=r.tokens.device)
+        return total
+
+    return reward
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, summed over a run: ``with timer("generation"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def summary(self) -> str:
+        """One line: each phase's seconds and share of the timed total."""
+        total = sum(self.seconds.values()) or 1.0
+        return ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.seconds.items())

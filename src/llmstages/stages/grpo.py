@@ -1,0 +1,73 @@
+"""GRPO (``rlhf.algorithm=grpo``): Group Relative Policy Optimization, Shao et al. (2024), §4.1 and eq. 3.
+
+For each prompt, ``group_size`` responses are sampled; each response's reward (the reward model's score, or a
+verifiable exact-match reward) is normalised within its group to give one advantage for all of its tokens, so
+no value model is needed. The loss is the PPO clipped surrogate plus ``kl_coef`` times the k3 estimate of
+KL(π || π_ref), averaged over each response's tokens and then over responses. Each rollout batch is used for
+``epochs`` passes in minibatches; ``trainer.max_steps`` counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
+from ..model import GPT, param_groups
+from ..rollout import PhaseTimer, RewardFn, response_logprobs, sample
+from .common import adamw_with_schedule, freeze, manual_step
+
+
+class GRPOModule(L.LightningModule):
+    """One training step = one GRPO iteration over ``len(batch)`` prompts x ``group_size`` samples."""
+
+    def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, grpo: dict, grad_clip: float,
+                 reward_modules: tuple[torch.nn.Module, ...] = ()) -> None:
+        super().__init__()
+        self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
+        self.reward_modules = torch.nn.ModuleList(reward_modules)  # used by reward_fn; moved to the device
+        freeze(reference, *reward_modules)
+        self.optim, self.c, self.grad_clip = optim, grpo, grad_clip
+        self.timer = PhaseTimer()
+        self.automatic_optimization = False
+
+    @torch.no_grad()
+    def rollout(self, batch: list[dict]) -> dict:
+        """``group_size`` samples per prompt (groups consecutive), their rewards ``(B*G,)`` and advantages."""
+        c, G = self.c, self.c["group_size"]
+        prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
+        answers = [b["answer"] for b in batch for _ in range(G)]
+        with self.timer("generation"):
+            r = sample(self.policy, prompts, c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"])
+        with self.timer("scoring"):
+            logp, logits = response_logprobs(self.policy, r)
+            ref_logp, _ = response_logprobs(self.reference, r)
+            score = self.reward_fn(r, answers) - c["missing_eos_penalty"] * (~r.finished).float()
+            adv = group_advantages(score, G)
+        return dict(r=r, logp=logp, ref_logp=ref_logp, score=score, adv=adv,
+                    entropy=masked_mean(token_entropy(logits), r.mask))
+
+    def training_step(self, batch, batch_idx):
+        c = self.c
+        ro = self.rollout(batch)
+        r, stats = ro["r"], []
+        n = r.tokens.shape[0]
+        with self.timer("optimisation"):
+            for _ in range(c["epochs"]):
+                for idx in torch.randperm(n).split(c["minibatch_size"]):
+                    mb = r.rows(idx)
+                    logp, _ = response_logprobs(self.policy, mb)
+                    loss, clipfrac, kl = grpo_loss(logp, ro["logp"][idx], ro["ref_logp"][idx], ro["adv"][idx], mb.mask,
+                                                   c["clip_range"], c["kl_coef"])
+                    manual_step(self, loss, self.grad_clip)
+                    stats.append(torch.stack([loss.detach(), clipfrac, kl]))
+        loss, cf, kl = torch.stack(stats).mean(0)
+        solved = (ro["score"].view(-1, c["group_size"]).std(1) == 0).float().mean()
+        self.log_dict({"train/reward": ro["score"].mean(), "train/kl_per_token": kl, "train/loss": loss, "train/clipfrac": cf,
+                       "train/entropy": ro["entropy"], "train/zero_advantage_groups": solved,
+                       "train/response_tokens": r.mask.sum(1).mean(), "train/eos_fraction": r.finished.float().mean(),
+                       **{f"time/{k}_s": v for k, v in self.timer.seconds.items()}}, batch_size=n)
+        self.log("reward", ro["score"].mean(), prog_bar=True, logger=False, batch_size=n)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(param_groups(self.policy, self.optim["weight_decay"]), **self.optim)
