@@ -56,6 +56,7 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_all_stages_then_nothing(repo):
     log = sh(repo, "dvc", "repro")
     assert ran_stages(log) == ["data", "pretrain", "sft", "reward", "rlhf"]
+    assert re.search(r"rlhf \(ppo\) time: generation [\d.]+ s \(\d+%\), scoring .*, optimisation", log)
     for stage in ("data", "pretrain", "sft", "reward", "rlhf"):
         assert json.loads((repo / f"outputs/{stage}/metrics.json").read_text())
     assert ran_stages(sh(repo, "dvc", "repro")) == []
@@ -71,3 +72,11 @@ def test_exp_run_sft_setting_reruns_downstream_only(repo):
     shown = subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True)
     text = json.dumps(json.loads(shown.stdout))  # both experiments, with their params and metrics
     assert "0.0001234" in text and "exact_match" in text and "val_accuracy" in text
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_exp_run_switches_the_rlhf_algorithm_with_one_value(repo, algorithm):
+    log = sh(repo, "dvc", "exp", "run", "-S", "+experiment=tiny", "-S", f"rlhf.algorithm={algorithm}")
+    assert ran_stages(log) == ["rlhf"]
+    metrics = json.loads((repo / "outputs/rlhf/metrics.json").read_text())
+    assert metrics["algorithm"] == algorithm and metrics["steps"] == 8

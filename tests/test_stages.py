@@ -34,9 +34,10 @@ def test_pretrain_learns(tiny_run):
 def test_stage_outputs_round_trip(tiny_run):
     work, _ = tiny_run
     for stage in ("pretrain", "sft", "reward", "rlhf"):
-        model, head, meta = load_output(work / "outputs" / stage, with_head=stage in ("reward", "rlhf"))
+        # only the reward model carries a scalar head (PPO's default value model is a separate critic, not saved)
+        model, head, meta = load_output(work / "outputs" / stage, with_head=stage == "reward")
         assert meta["stage"] == stage and meta["pipeline_run"] == "test-pipeline"
-        assert (head is not None) == (stage in ("reward", "rlhf"))
+        assert (head is not None) == (stage == "reward")
         tok = load_tokenizer(work / "outputs" / stage / "tokenizer.json")
         assert tok.get_vocab_size() == model.cfg.vocab_size
 
@@ -78,7 +79,7 @@ def test_rlhf_dpo_and_grpo_on_the_tiny_pipeline(tiny_run, algorithm, monkeypatch
     if algorithm == "dpo":
         assert 0.0 <= m["dpo_val_accuracy"] <= 1.0 and "time_generation_s" not in m
     else:
-        assert m["time_generation_s"] > 0
+        assert m["time_generation_s"] >= 0.0  # seconds, rounded to 0.1: the tiny model may take less
     model, _, _ = load_output(work / out)
     sft, _, _ = load_output(work / "outputs/sft")
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), sft.parameters()))

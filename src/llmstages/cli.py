@@ -94,6 +94,16 @@ def _params_mode(stage: str, argv: list[str]) -> int:
 
     from .config import ConfigError
 
+    import logging
+
+    # Hydra configures logging in the other mode; here the stage's own INFO lines (e.g. the rlhf time split)
+    # need a handler of their own.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logger = logging.getLogger("llmstages")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     path = Path(args.params)
     if not path.is_file():
         sys.exit(f"llmstages {stage}: {path} not found (compose it with: llmstages params)")

@@ -1,5 +1,6 @@
-"""PPO for a causal LM (``rlhf.algorithm=ppo``): the policy plus a value head, optimised against a sequence
-reward (the reward model by default) with a per-token KL penalty to the frozen reference.
+"""PPO for a causal LM (``rlhf.algorithm=ppo``): the policy and a value model, optimised against a sequence
+reward (the reward model by default) with a per-token KL penalty to the frozen reference. The value model is a
+separate critic initialised from the reward model (Ouyang et al. 2022, §3.5), or a scalar head on the policy.
 
 Recipe: Ziegler et al. (2019), Ouyang et al. (2022) and Huang et al. (2024), "The N+ implementation details
 of RLHF with PPO": the score is placed on the last generated token (EOS or truncation point), responses without

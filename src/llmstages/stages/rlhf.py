@@ -114,6 +114,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         cells = [row["prompt"], row.get("answer", ""), s, r]
         lines.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in cells) + " |")
     samples.write_text("\n".join(lines) + "\n")
-    head = getattr(module, "value_head", None)
+    head = module.value_head if isinstance(module, PPOModule) and module.critic is None else None  # on the policy
     save_output(out_dir, policy, sft_dir / "tokenizer.json", stage.meta(metrics=metrics), head=head)
     return stage.finish(metrics, artifacts=[samples])
