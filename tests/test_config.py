@@ -65,7 +65,15 @@ def test_bad_value_names_the_key():
 
 @pytest.mark.parametrize("override,key", [("algorithm=reinforce", "rlhf.algorithm"), ("grpo.group_size=1", "grpo.group_size"),
                                           ("grpo.minibatch_size=5", "grpo.minibatch_size"), ("dpo.beta=0", "dpo.beta"),
-                                          ("ppo.reward=length", "ppo.reward"), ("ppo.kl_target=-1", "ppo.kl_target")])
+                                          ("ppo.reward=length", "ppo.reward"), ("ppo.kl_target=-1", "ppo.kl_target"),
+                                          ("ppo.minibatch_size=0", "ppo.minibatch_size"),
+                                          ("ppo.max_new_tokens=0", "ppo.max_new_tokens"),
+                                          ("grpo.prompts_per_step=0", "grpo.prompts_per_step"),
+                                          ("grpo.epochs=0", "grpo.epochs"), ("dpo.batch_size=0", "dpo.batch_size"),
+                                          ("ppo.kl_coef=-1", "ppo.kl_coef"), ("eval_limit=-1", "eval_limit"),
+                                          ("dpo.label_smoothing=1.5", "dpo.label_smoothing"),
+                                          ("eval_max_new_tokens=0", "eval_max_new_tokens"),
+                                          ("trainer.max_steps=10", "trainer.max_steps")])
 def test_bad_rlhf_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate("rlhf", compose("rlhf", [override]))

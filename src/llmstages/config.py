@@ -225,6 +225,19 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             if b not in ("mlflow", "wandb", "csv"):
                 bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
     if stage == "rlhf":
+        positive = [f"ppo.{k}" for k in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
+                                         "temperature", "top_p")]
+        positive += [f"grpo.{k}" for k in ("prompts_per_step", "minibatch_size", "epochs", "max_new_tokens",
+                                           "temperature", "top_p")]
+        positive += ["dpo.batch_size", "dpo.max_len", "eval_max_new_tokens"]
+        for key in positive:
+            if OmegaConf.select(cfg, key) <= 0:
+                bad(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
+        for key in ("ppo.kl_coef", "grpo.kl_coef", "eval_limit", "ppo.top_k", "grpo.top_k", "ppo.reward_clip"):
+            if OmegaConf.select(cfg, key) < 0:
+                bad(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
+        if not 0 <= cfg.dpo.label_smoothing < 0.5:
+            bad("dpo.label_smoothing", f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
         if cfg.algorithm not in ALGORITHMS:
             bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
         for algo in ("ppo", "grpo"):
@@ -242,6 +255,13 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             bad("grpo.group_size", f"must be >= 2 (advantages are relative to the group), got {cfg.grpo.group_size}")
         if (cfg.grpo.prompts_per_step * cfg.grpo.group_size) % cfg.grpo.minibatch_size:
             bad("grpo.minibatch_size", "must divide grpo.prompts_per_step * grpo.group_size")
+        if cfg.algorithm in ("ppo", "grpo"):  # one training step (an iteration) makes several optimizer steps
+            c = cfg[cfg.algorithm]
+            per_iter = (c.ppo_epochs * c.rollout_batch_size if cfg.algorithm == "ppo"
+                        else c.epochs * c.prompts_per_step * c.group_size) // c.minibatch_size
+            if cfg.trainer.max_steps % per_iter:
+                bad("trainer.max_steps", f"counts optimizer steps, {per_iter} per {cfg.algorithm} iteration: use a "
+                                         f"multiple of {per_iter}, got {cfg.trainer.max_steps}")
         if cfg.dpo.beta <= 0:
             bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
     if stage == "data" and not 0 < cfg.val_fraction < 1:

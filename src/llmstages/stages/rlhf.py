@@ -64,8 +64,11 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
         return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, shuffle=True, drop_last=True, **kw),
                 DataLoader(val, **kw))
     c = dict(cfg[algo])
-    prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok,
-                            policy.cfg.max_seq_len - c["max_new_tokens"])
+    max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
+    if max_prompt < 4:
+        raise ValueError(f"rlhf.{algo}.max_new_tokens={c['max_new_tokens']} leaves no room for a prompt in the "
+                         f"policy's context of {policy.cfg.max_seq_len} tokens")
+    prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
     reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"])
     module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
     loader = DataLoader(prompts, batch_size=n, shuffle=True, drop_last=True, collate_fn=collate_prompts)
