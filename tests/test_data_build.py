@@ -178,6 +178,14 @@ def test_bad_sft_file(corpus, tmp_path, content, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no out dir, no temp dir
 
 
+def test_non_utf8_row_names_the_line(corpus, tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid UTF-8") as e:
+        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], sft_path=str(tmp_path / "bad.jsonl"), **KW)
+    assert isinstance(e.value.__cause__, UnicodeDecodeError)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_preference_file(corpus, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:1: missing field 'rejected'"):

@@ -270,19 +270,19 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: naming ``path:lineno`` for invalid JSON (chained from the JSONDecodeError),
-            a non-object row, a missing field (listing the fields found) or a non-string field;
-            naming ``path`` for a non-UTF-8 or empty file.
+        ValueError: naming ``path:lineno`` for bytes that are not UTF-8 or invalid JSON (chained from the
+            decoding error), a non-object row, a missing field (listing the fields found) or a non-string
+            field; naming ``path`` for an empty file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e})") from e
     rows = []
-    for lineno, line in enumerate(text.split("\n"), 1):
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
         if not line.strip():
             continue
         try:
