@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -119,6 +120,8 @@ class Stage:
         cbs = [ckpt, *(callbacks or [])]
         if self.loggers:
             cbs.append(LearningRateMonitor(logging_interval="step"))
+        if t.enable_progress_bar:
+            cbs.append(StepBoundProgressBar())
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
                       precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
@@ -160,6 +163,14 @@ class Stage:
     def meta(self, **extra) -> dict:
         """The ``meta.json`` of a stage output: stage, pipeline run, commit, and stage-specific fields."""
         return {"stage": self.name, **self.tags, **extra}
+
+
+class StepBoundProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, minus the epoch bound in its title: runs here are bounded by
+    ``max_steps`` with ``max_epochs=-1``, which the stock bar shows as "Epoch 3/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"Epoch {current_epoch}"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
