@@ -115,6 +115,19 @@ def sequence_reward_fn(kind: str, tok, reward_model: GPT | None = None, reward_h
     return reward
 
 
+def penalised_rewards(reward_fn: RewardFn, r: Rollout, answers: list[str], missing_eos_penalty: float) -> torch.Tensor:
+    """``reward_fn``'s scores ``(B,)`` minus ``missing_eos_penalty`` for responses that never emitted EOS
+    (Huang et al. 2024, the no-EOS penalty)."""
+    return reward_fn(r, answers) - missing_eos_penalty * (~r.finished).float()
+
+
+def rollout_stats(r: Rollout, timer: "PhaseTimer") -> dict:
+    """What PPO and GRPO both log about a rollout: mean response length (tokens), EOS fraction, and the
+    seconds spent so far in each phase."""
+    return {"train/response_tokens": r.mask.sum(1).mean(), "train/eos_fraction": r.finished.float().mean(),
+            **timer.metrics()}
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase, summed over a run: ``with timer("generation"): ...``."""
 
@@ -128,6 +141,10 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        """Seconds per phase as tracker metrics: ``{"time/<phase>_s": seconds}``."""
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
 
     def summary(self) -> str:
         """One line: each phase's seconds and share of the timed total."""

@@ -60,7 +60,7 @@ class DPOModule(L.LightningModule):
         loss = self._loss(batch, "train")
         with self.timer("optimisation"):
             manual_step(self, loss, self.grad_clip)
-        self.log_dict({f"time/{k}_s": v for k, v in self.timer.seconds.items()})
+        self.log_dict(self.timer.metrics())
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
 
     def validation_step(self, batch, batch_idx):

@@ -14,7 +14,7 @@ import torch
 
 from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
 from ..model import GPT, param_groups
-from ..rollout import PhaseTimer, RewardFn, response_logprobs, sample
+from ..rollout import PhaseTimer, RewardFn, penalised_rewards, response_logprobs, rollout_stats, sample
 from .common import adamw_with_schedule, freeze, manual_step
 
 
@@ -42,7 +42,7 @@ class GRPOModule(L.LightningModule):
         with self.timer("scoring"):
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)
-            score = self.reward_fn(r, answers) - c["missing_eos_penalty"] * (~r.finished).float()
+            score = penalised_rewards(self.reward_fn, r, answers, c["missing_eos_penalty"])
             adv = group_advantages(score, G)
         return dict(r=r, logp=logp, ref_logp=ref_logp, score=score, adv=adv,
                     entropy=masked_mean(token_entropy(logits), r.mask))
@@ -65,8 +65,7 @@ class GRPOModule(L.LightningModule):
         solved = (ro["score"].view(-1, c["group_size"]).std(1) == 0).float().mean()
         self.log_dict({"train/reward": ro["score"].mean(), "train/kl_per_token": kl, "train/loss": loss, "train/clipfrac": cf,
                        "train/entropy": ro["entropy"], "train/zero_advantage_groups": solved,
-                       "train/response_tokens": r.mask.sum(1).mean(), "train/eos_fraction": r.finished.float().mean(),
-                       **{f"time/{k}_s": v for k, v in self.timer.seconds.items()}}, batch_size=n)
+                       **rollout_stats(r, self.timer)}, batch_size=n)
         self.log("reward", ro["score"].mean(), prog_bar=True, logger=False, batch_size=n)
 
     def configure_optimizers(self):

@@ -18,7 +18,8 @@ import torch
 from ..losses import (adaptive_kl_coef, gae, kl_estimate, masked_mean, normalise_scores, ppo_policy_loss,
                       token_entropy, value_loss, whiten)
 from ..model import GPT, ScalarHead, param_groups
-from ..rollout import PhaseTimer, RewardFn, response_hidden, response_logprobs, sample
+from ..rollout import (PhaseTimer, RewardFn, penalised_rewards, response_hidden, response_logprobs, rollout_stats,
+                       sample)
 from .common import adamw_with_schedule, freeze, manual_step
 
 
@@ -45,8 +46,7 @@ class PPOModule(L.LightningModule):
     def logprobs_and_values(self, r):
         """Response log-probabilities under the policy and values ``(B, N)``, and the policy's logits."""
         if self.critic is None:
-            logp, logits, values = response_logprobs(self.policy, r, self.value_head)
-            return logp, logits, values
+            return response_logprobs(self.policy, r, self.value_head)
         logp, logits = response_logprobs(self.policy, r)
         return logp, logits, self.value_head(response_hidden(self.critic, r)).float()
 
@@ -60,7 +60,7 @@ class PPOModule(L.LightningModule):
         with self.timer("scoring"):
             logp, logits, values = self.logprobs_and_values(r)
             ref_logp, _ = response_logprobs(self.reference, r)
-            score = self.reward_fn(r, [b["answer"] for b in batch]) - c["missing_eos_penalty"] * (~r.finished).float()
+            score = penalised_rewards(self.reward_fn, r, [b["answer"] for b in batch], c["missing_eos_penalty"])
             shaped = normalise_scores(score) if c["reward_norm"] else score
             if c["reward_clip"]:
                 shaped = shaped.clamp(-c["reward_clip"], c["reward_clip"])
@@ -95,8 +95,7 @@ class PPOModule(L.LightningModule):
         self.log_dict({"train/reward": ro["score"].mean(), "train/kl": kl, "train/kl_coef": self.kl_coef,
                        "train/policy_loss": pg, "train/value_loss": vf, "train/clipfrac": cf,
                        "train/approx_kl_old_new": akl, "train/entropy": ro["entropy"],
-                       "train/response_tokens": r.mask.sum(1).mean(), "train/eos_fraction": r.finished.float().mean(),
-                       **{f"time/{k}_s": v for k, v in self.timer.seconds.items()}}, batch_size=B)
+                       **rollout_stats(r, self.timer)}, batch_size=B)
         self.log("reward", ro["score"].mean(), prog_bar=True, logger=False, batch_size=B)
 
     def configure_optimizers(self):
