@@ -33,6 +33,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmstages.checkpoint import write_json
+from llmstages.data.jsonio import iter_jsonl, require_fields
 from llmstages.tokenizer import EOS_ID, save_tokenizer, train_tokenizer
 
 MB = 1_000_000  #: bytes per "megabyte" in ``max_corpus_mb`` / ``corpus_mb``
@@ -278,27 +279,12 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
     rows = []
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: row must be an object, got {type(row).__name__}")
-        missing = [f for f in fields if f not in row]
-        if missing:
-            raise ValueError(
-                f"{path}:{lineno}: missing field {missing[0]!r} (required {list(fields)}, found {sorted(row)})")
+    for where, row in iter_jsonl(path):
+        require_fields(where, row, fields)
         row.setdefault("task", "user")
         for f in (*fields, "task"):
             if not isinstance(row[f], str):
-                raise ValueError(f"{path}:{lineno}: field {f!r} must be a string, got {type(row[f]).__name__}")
+                raise ValueError(f"{where}: field {f!r} must be a string, got {type(row[f]).__name__}")
         rows.append({f: row[f] for f in (*fields, "task")})
     if not rows:
         raise ValueError(f"{path}: empty file, expected JSONL rows with fields {list(fields)}")

@@ -1,0 +1,87 @@
+"""Streaming readers for user row files (JSONL, JSON arrays), with errors that name the file and line.
+
+Every reader yields ``(where, row)`` pairs: ``where`` is ``"path:lineno"`` (JSONL, physical line numbers,
+1-based) or ``"path[index]"`` (a JSON array), to be used as the prefix of any later error about that row.
+Memory stays bounded for JSONL (one line at a time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield ``("path:lineno", row)`` for each non-blank line of a JSONL file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``path:lineno`` of bytes that are not UTF-8 or of invalid JSON (chained from the decoding
+            error), or of a line that is valid JSON but not an object ("row must be an object").
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: row must be an object, got {type(row).__name__}")
+            yield f"{path}:{lineno}", row
+
+
+def iter_json_array(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Yield ``("path[i]", row)`` for each element of a file holding one JSON array of objects (Alpaca style).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not UTF-8 or invalid JSON (line and column of the fault), not an array, or an element that
+            is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from e
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON array of objects (or JSONL), got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}[{i}]: row must be an object, got {type(row).__name__}")
+        yield f"{path}[{i}]", row
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """Rows of a ``.json`` file (one array, or JSONL content) or of any other file read as JSONL."""
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith(b"["):
+            return iter_json_array(path)
+    return iter_jsonl(path)
+
+
+def require_fields(where: str, row: dict, fields: tuple[str, ...] | list[str]) -> None:
+    """Raise ``ValueError`` naming ``where``, the first missing field, the required and the found fields."""
+    missing = [f for f in fields if f not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r} (required {list(fields)}, found {sorted(row)})")
