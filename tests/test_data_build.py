@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from llmstages.data.build import build_data, docstring_qa, first_sentence, iter_documents
-from llmstages.tokenizer import EOS_ID, load_tokenizer
+from llmstages.data.corpus import is_val_doc
+from llmstages.tokenizer import load_tokenizer
+
+EOS_ID = 2  # of a tokenizer trained here
 
 DOCS = {
     "a.txt": "The quick brown fox jumps over the lazy dog.\n" * 30,
@@ -21,7 +24,7 @@ DOCS = {
     "sub/e.txt": "Lorem ipsum dolor sit amet, consectetur adipiscing elit.\n" * 25,
     "sub/f.txt": "Numbers 0123456789 and more numbers 42 17 99.\n" * 20,
 }
-FILES = ["tokenizer.json", "train.bin", "val.bin", "meta.json", "metrics.json"] + [
+FILES = ["tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json", "metrics.json"] + [
     f"{k}_{s}.jsonl" for k in ("sft", "pref", "prompts") for s in ("train", "val")
 ]
 KW = dict(vocab_size=300, arithmetic_max=5, val_fraction=0.3, progress=False)
@@ -61,7 +64,8 @@ def test_files_meta_and_metrics(built, corpus):
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == metrics["vocab_size"] == 300
     assert (meta["train_tokens"], meta["val_tokens"]) == (train.size, val.size)
     assert (metrics["train_tokens"], metrics["val_tokens"]) == (train.size, val.size)
-    assert (meta["n_train_docs"], meta["n_val_docs"]) == (4, 2)  # round(6 * 0.3) = 2
+    n_val = sum(is_val_doc(i, 1234, 0.3) for i in range(6))
+    assert (meta["n_train_docs"], meta["n_val_docs"]) == (6 - n_val, n_val) and n_val >= 1
     total = sum(len(t.encode()) for t in DOCS.values())
     assert meta["train_bytes"] + meta["val_bytes"] == total
     assert metrics["corpus_mb"] == total / 1e6
@@ -77,13 +81,13 @@ def test_files_meta_and_metrics(built, corpus):
 def test_tokens_decode_back_to_documents(built, corpus):
     out, _ = built
     meta = json.loads((out / "meta.json").read_text())
-    tok = load_tokenizer(out / "tokenizer.json")
+    tok = load_tokenizer(out)
     assert not set(meta["train_docs"]) & set(meta["val_docs"])
     assert sorted(meta["train_docs"] + meta["val_docs"]) == sorted(str(corpus / n) for n in DOCS)
     for split in ("train", "val"):
         arr = np.fromfile(out / f"{split}.bin", "<u2")
         assert int((arr == EOS_ID).sum()) == meta[f"n_{split}_docs"] and arr[-1] == EOS_ID
-        decoded = [tok.decode(d.tolist()) for d in iter_documents(out / f"{split}.bin")]
+        decoded = [tok.decode(d.tolist()) for d in iter_documents(out / f"{split}.bin", EOS_ID)]
         expected = [(corpus / n).read_text(encoding="utf-8") for n in meta[f"{split}_docs"]]
         assert decoded == expected
 
@@ -93,7 +97,9 @@ def test_task_sets(built):
     for kind in ("sft", "pref", "prompts"):
         tr, va = jsonl(out / f"{kind}_train.jsonl"), jsonl(out / f"{kind}_val.jsonl")
         assert tr and va
-        assert not {r["prompt"] for r in tr} & {r["prompt"] for r in va}, kind
+        key = (lambda r: r["messages"][0]["content"]) if kind == "sft" else (
+            lambda r: r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][0]["content"])
+        assert not {key(r) for r in tr} & {key(r) for r in va}, kind
     prompts = jsonl(out / "prompts_train.jsonl") + jsonl(out / "prompts_val.jsonl")
     arith = [r for r in prompts if r["task"] == "arithmetic"]
     assert len(arith) == 36 + 21 and len({r["prompt"] for r in prompts}) == len(prompts)
@@ -106,8 +112,12 @@ def test_task_sets(built):
     assert Counter(r["task"] for r in val)["arithmetic"] == round(57 * 0.1)
     answers = {r["prompt"]: r["answer"] for r in prompts}
     sft = jsonl(out / "sft_train.jsonl") + jsonl(out / "sft_val.jsonl")
-    assert sorted((r["prompt"], r["response"]) for r in sft) == sorted(answers.items())
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
+    assert sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft) == sorted(answers.items())
     pref = jsonl(out / "pref_train.jsonl") + jsonl(out / "pref_val.jsonl")
+    for r in pref:
+        assert r["prompt"] == [{"role": "user", "content": r["prompt"][0]["content"]}]
+        r["prompt"] = r["prompt"][0]["content"]
     per_q = Counter(r["prompt"] for r in pref)
     for r in pref:
         assert set(r) == {"prompt", "chosen", "rejected", "task"}
@@ -146,16 +156,46 @@ def test_user_sft_and_preferences(corpus, tmp_path):
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft) + "\n")
     (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
     out = tmp_path / "out"
-    m = build_data(out, corpus=[str(corpus / "*.txt")], sft_path=str(tmp_path / "sft.jsonl"),
-                   preference_path=str(tmp_path / "pref.jsonl"), **KW)
+    m = build_data(out, corpus=[str(corpus / "*.txt")], sft={"path": str(tmp_path / "sft.jsonl")},
+                   preference={"path": str(tmp_path / "pref.jsonl")}, **KW)
     tr, va = jsonl(out / "sft_train.jsonl"), jsonl(out / "sft_val.jsonl")
     assert (len(tr), len(va)) == (18, 2) == (m["n_sft_train"], m["n_sft_val"])  # 1 of 10 prompts, 2 rows each
-    assert sorted((r["prompt"], r["response"]) for r in tr + va) == sorted((r["prompt"], r["response"]) for r in sft)
+    pairs = sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in tr + va)
+    assert pairs == sorted((r["prompt"], r["response"]) for r in sft)
     assert {r["task"] for r in tr + va} == {"user"}
-    assert len({r["prompt"] for r in va}) == 1 and not {r["prompt"] for r in tr} & {r["prompt"] for r in va}
+    q = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert len(q(va)) == 1 and not q(tr) & q(va)
     ptr, pva = jsonl(out / "pref_train.jsonl"), jsonl(out / "pref_val.jsonl")
     assert (len(ptr), len(pva)) == (9, 1) and {r["task"] for r in ptr + pva} == {"mine"}
     assert m["n_prompts_train"] + m["n_prompts_val"] > 57  # RL prompts stay the verifiable defaults
+    assert (m["sft_rows_read"], m["sft_rows_kept"], m["pref_rows_read"], m["pref_rows_kept"]) == (20, 20, 10, 10)
+
+
+def test_user_sets_in_other_formats(corpus, tmp_path):
+    """Alpaca as a JSON array with a system prompt, and implicit-prompt preference conversations."""
+    alpaca = [{"instruction": f"Add {i} and 1.", "input": "" if i % 2 else "twice", "output": str(i + 1)}
+              for i in range(6)] + [{"instruction": "Empty.", "output": "  "}]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    conv = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    pref = [{"chosen": conv(f"q{i}", "yes"), "rejected": conv(f"q{i}", "no")} for i in range(5)]
+    pref.append({"chosen": conv("same", "x"), "rejected": conv("same", "x")})
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
+    out = tmp_path / "out"
+    m = build_data(out, corpus=[str(corpus / "*.txt")], sft={"path": str(tmp_path / "alpaca.json"),
+                                                           "system_prompt": "Be exact."},
+                   preference={"path": str(tmp_path / "pref.jsonl"), "format": "implicit"}, **KW)
+    rows = jsonl(out / "sft_train.jsonl") + jsonl(out / "sft_val.jsonl")
+    assert {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add 0 and 1.\n\ntwice"},
+                         {"role": "assistant", "content": "1"}], "task": "user"} in rows
+    assert (m["sft_rows_read"], m["sft_rows_kept"], m["sft_rows_dropped_empty_response"]) == (7, 6, 1)
+    prefs = jsonl(out / "pref_train.jsonl") + jsonl(out / "pref_val.jsonl")
+    assert sorted(r["prompt"][0]["content"] for r in prefs) == [f"q{i}" for i in range(5)]
+    assert all((r["chosen"], r["rejected"], len(r["prompt"])) == ("yes", "no", 1) for r in prefs)
+    assert (m["pref_rows_kept"], m["pref_rows_dropped_identical_responses"]) == (5, 1)
+
+
+ALL_DROPPED = ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "}]}\n'
+               '{"messages": [{"role": "user", "content": "x"}]}\n')
 
 
 @pytest.mark.parametrize(
@@ -165,14 +205,15 @@ def test_user_sft_and_preferences(corpus, tmp_path):
         ('["prompt", "response"]\n', r"bad\.jsonl:1: row must be an object"),
         ('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n',
          r"bad\.jsonl:3: missing field 'response'.*found \['prompt'\]"),
-        ('{"prompt": "a", "response": 3}\n', r"bad\.jsonl:1: field 'response' must be a string"),
+        ('{"prompt": "a", "response": 3}\n', r"bad\.jsonl:1: .*'response'.*string"),
         ("\n  \n", r"bad\.jsonl: empty file"),
+        (ALL_DROPPED, r"bad\.jsonl: all 2 rows were dropped \(empty_response: 1, no_assistant_turn: 1\)"),
     ],
 )
 def test_bad_sft_file(corpus, tmp_path, content, match):
     (tmp_path / "bad.jsonl").write_text(content)
     with pytest.raises(ValueError, match=match) as e:
-        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], sft_path=str(tmp_path / "bad.jsonl"), **KW)
+        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], sft={"path": str(tmp_path / "bad.jsonl")}, **KW)
     if "invalid JSON" in match:
         assert isinstance(e.value.__cause__, json.JSONDecodeError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no out dir, no temp dir
@@ -181,7 +222,7 @@ def test_bad_sft_file(corpus, tmp_path, content, match):
 def test_non_utf8_row_names_the_line(corpus, tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid UTF-8") as e:
-        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], sft_path=str(tmp_path / "bad.jsonl"), **KW)
+        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], sft={"path": str(tmp_path / "bad.jsonl")}, **KW)
     assert isinstance(e.value.__cause__, UnicodeDecodeError)
     assert not (tmp_path / "out").exists()
 
@@ -189,7 +230,8 @@ def test_non_utf8_row_names_the_line(corpus, tmp_path):
 def test_bad_preference_file(corpus, tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     with pytest.raises(ValueError, match=r"p\.jsonl:1: missing field 'rejected'"):
-        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], preference_path=str(tmp_path / "p.jsonl"), **KW)
+        build_data(tmp_path / "out", corpus=[str(corpus / "*.txt")], preference={"path": str(tmp_path / "p.jsonl"),
+                                                                                 "format": "explicit"}, **KW)
 
 
 def test_bad_corpus_and_args(corpus, tmp_path):
@@ -200,7 +242,7 @@ def test_bad_corpus_and_args(corpus, tmp_path):
         build_data(tmp_path / "o", corpus=[str(corpus / "*.txt"), str(tmp_path / "latin1.txt")], **KW)
     with pytest.raises(ValueError, match="65535"):
         build_data(tmp_path / "o", corpus=[str(corpus / "*.txt")], **{**KW, "vocab_size": 70000})
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="at least 2|train"):
         build_data(tmp_path / "o", corpus=[str(corpus / "a.txt")], **KW)
     assert not (tmp_path / "o").exists()
 
@@ -211,7 +253,7 @@ def test_failure_keeps_existing_out_dir(built, corpus, tmp_path):
     before = hashes(out)
     (tmp_path / "bad.jsonl").write_text("{oops}\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
-        build_data(out, corpus=[str(corpus / "*.txt")], sft_path=str(tmp_path / "bad.jsonl"), **KW)
+        build_data(out, corpus=[str(corpus / "*.txt")], sft={"path": str(tmp_path / "bad.jsonl")}, **KW)
     with pytest.raises(ValueError, match=r"latin1\.txt"):
         (tmp_path / "latin1.txt").write_bytes(b"\xff\xfe bad")
         build_data(out, corpus=[str(corpus / "*.txt"), str(tmp_path / "latin1.txt")], **KW)
@@ -234,8 +276,8 @@ def test_default_stdlib_corpus(tmp_path):
     assert (meta["train_bytes"] + meta["val_bytes"]) / 1e6 == m["corpus_mb"]
     assert m["train_tokens"] > 0 and m["val_tokens"] > 0 and m["unigram_entropy_nats"] > 3
     assert m["n_prompts_train"] + m["n_prompts_val"] > 300  # 672 arithmetic + docstring questions
-    tok = load_tokenizer(tmp_path / "d" / "tokenizer.json")
-    first = next(iter_documents(tmp_path / "d" / "val.bin"))
+    tok = load_tokenizer(tmp_path / "d")
+    first = next(iter_documents(tmp_path / "d" / "val.bin", tok.eos_id))
     assert tok.decode(first.tolist()).encode()  # decodes to real text
 
 
@@ -247,6 +289,6 @@ def test_user_sft_with_a_single_prompt_is_refused(tmp_path):
     sft = tmp_path / "one.jsonl"
     sft.write_text('{"prompt": "hi", "response": "there"}\n\n\n')
     with pytest.raises(ValueError, match=r"one\.jsonl: 1 distinct prompt\(s\); at least 2"):
-        build_data(tmp_path / "out", corpus=[str(tmp_path / "c*.txt")], vocab_size=300, sft_path=str(sft),
+        build_data(tmp_path / "out", corpus=[str(tmp_path / "c*.txt")], vocab_size=300, sft={"path": str(sft)},
                    progress=False)
     assert not (tmp_path / "out").exists()

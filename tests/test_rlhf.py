@@ -8,6 +8,7 @@ and DPO by learning from pairs whose chosen response is made of ``TARGET`` token
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import lightning as L
 import pytest
@@ -22,9 +23,11 @@ from llmstages.rollout import PhaseTimer, sample
 from llmstages.stages.dpo import DPOModule
 from llmstages.stages.grpo import GRPOModule
 from llmstages.stages.ppo import PPOModule
-from llmstages.tokenizer import ASSISTANT_ID, BOS_ID, EOS_ID, USER_ID
+
+PAD_ID, BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID = 0, 1, 2, 4, 5  # the ids of a tokenizer trained here
 
 V, TARGET = 32, 9
+IDS = dict(eos_id=EOS_ID, pad_id=PAD_ID)
 PROMPTS = [[BOS_ID, USER_ID, k, k + 1, ASSISTANT_ID] for k in range(10, 26)]
 
 
@@ -58,7 +61,7 @@ def fit(module: L.LightningModule, loader: DataLoader, max_steps: int) -> L.Trai
 
 def mean_toy_reward(policy: GPT) -> float:
     torch.manual_seed(123)
-    r = sample(policy, PROMPTS * 8, max_new_tokens=6)
+    r = sample(policy, PROMPTS * 8, max_new_tokens=6, eos_id=EOS_ID, pad_id=PAD_ID)
     return float(toy_reward(r, None).mean())
 
 
@@ -75,7 +78,7 @@ def pair_loader(batch_size: int) -> DataLoader:
         chosen, rejected = p + [TARGET] * 3 + [EOS_ID], p + other + [EOS_ID]
         mask = [0] * len(p) + [1] * 4
         items.append((chosen, rejected, mask, mask))
-    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=collate_pairs)
+    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=partial(collate_pairs, pad_id=PAD_ID))
 
 
 def make(algorithm: str, lr: float, steps: int):
@@ -87,11 +90,11 @@ def make(algorithm: str, lr: float, steps: int):
         critic = {}
         if algorithm == "ppo-critic":  # a separate value model (as when initialised from the reward model)
             critic = dict(critic=tiny_policy(seed=1)[0], critic_head=ScalarHead(32))
-        return PPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **critic), prompt_loader(16)
+        return PPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **IDS, **critic), prompt_loader(16)
     if algorithm == "grpo":
         c = section(GRPOSchema, prompts_per_step=4, group_size=4, minibatch_size=8, max_new_tokens=6,
                     missing_eos_penalty=0.0, kl_coef=0.01)
-        return GRPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0), prompt_loader(4)
+        return GRPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **IDS), prompt_loader(4)
     c = section(DPOSchema, batch_size=8, beta=0.1)
     return DPOModule(policy, reference, optim(lr, steps), c, 1.0), pair_loader(8)
 

@@ -38,8 +38,10 @@ def test_stage_outputs_round_trip(tiny_run):
         model, head, meta = load_output(work / "outputs" / stage, with_head=stage == "reward")
         assert meta["stage"] == stage and meta["pipeline_run"] == "test-pipeline"
         assert (head is not None) == (stage == "reward")
-        tok = load_tokenizer(work / "outputs" / stage / "tokenizer.json")
-        assert tok.get_vocab_size() == model.cfg.vocab_size
+        tok = load_tokenizer(work / "outputs" / stage)
+        assert tok.vocab_size == model.cfg.vocab_size
+        assert (work / "outputs" / stage / "tokenizer_config.json").read_bytes() == \
+            (work / "outputs/data/tokenizer_config.json").read_bytes()
 
 
 def test_sft_changes_the_model_and_reports_both(tiny_run):

@@ -1,4 +1,5 @@
-"""Save and load a stage output: ``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``meta.json``.
+"""Save and load a stage output: ``model.safetensors`` + ``config.json`` + ``meta.json`` + the tokenizer
+(``tokenizer.json`` + ``tokenizer_config.json``, see :class:`llmstages.tokenizer.ChatTokenizer`).
 
 A stage output folder is what one stage hands the next (``outputs/<stage>/``). Weights are stored with
 ``safetensors``; a reward model or a policy with a value head stores its head under ``head.*``.
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from .model import GPT, GPTConfig, ScalarHead
+from .tokenizer import ChatTokenizer
 
 WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.json", "tokenizer.json", "meta.json"
 
@@ -26,7 +27,7 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_output(out_dir: str | Path, model: GPT, tokenizer_path: str | Path, meta: dict,
+def save_output(out_dir: str | Path, model: GPT, tokenizer: ChatTokenizer, meta: dict,
                 head: ScalarHead | None = None) -> Path:
     """Write a stage output to ``out_dir`` (created if missing; existing files of the same names replaced)."""
     out = Path(out_dir)
@@ -38,8 +39,7 @@ def save_output(out_dir: str | Path, model: GPT, tokenizer_path: str | Path, met
         tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
     save_file(tensors, str(out / WEIGHTS))
     write_json(out / CONFIG, model.cfg.to_dict())
-    if Path(tokenizer_path).resolve() != (out / TOKENIZER).resolve():
-        shutil.copyfile(tokenizer_path, out / TOKENIZER)
+    tokenizer.save(out)
     write_json(out / META, meta)
     return out
 

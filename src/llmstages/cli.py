@@ -206,7 +206,7 @@ def _generate_cmd(argv: list[str]) -> int:
 
     from .checkpoint import load_output
     from .generation import generate
-    from .tokenizer import EOS_ID, PAD_ID, decode, encode_prompt, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     table = Table(title="llmstages generate", show_lines=True)
     table.add_column("model")
@@ -217,12 +217,12 @@ def _generate_cmd(argv: list[str]) -> int:
             model, _, _ = load_output(path)
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"llmstages generate: {err}")
-        tok = load_tokenizer(Path(path) / "tokenizer.json")
+        tok = load_tokenizer(path)
         gen = torch.Generator().manual_seed(args.seed)
-        g = generate(model, [encode_prompt(tok, p) for p in args.prompt], args.max_new_tokens, EOS_ID, PAD_ID,
+        g = generate(model, [tok.encode_prompt(p) for p in args.prompt], args.max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
         for p, r in zip(args.prompt, g.responses):
-            table.add_row(str(path), p, decode(tok, r.tolist()))
+            table.add_row(str(path), p, tok.decode(r.tolist()))
     Console().print(table)
     return 0
 

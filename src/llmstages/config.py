@@ -18,6 +18,7 @@ from .model import GPTConfig as ModelSchema  # the model section is the architec
 
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
+CORPUS_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # data.data.corpus_format
 
 
 @dataclass
@@ -61,11 +62,33 @@ class LoggerSchema:
 
 
 @dataclass
+class TokenizerSchema:
+    path: Optional[str] = None  # a local Hugging Face tokenizer.json or folder; None = train byte-level BPE
+    bos_token: Optional[str] = None  # None: from tokenizer_config.json, else <|bos|> (added)
+    eos_token: Optional[str] = None  # None: from tokenizer_config.json, else a well-known EOS name
+    pad_token: Optional[str] = None  # None: from tokenizer_config.json, else the EOS
+
+
+@dataclass
+class RowSetSchema:
+    """A user SFT or preference file and how to read it (see llmstages.data.formats)."""
+
+    path: Optional[str] = None  # None = the built-in set
+    format: str = "auto"
+    columns: Optional[dict[str, str]] = None  # canonical field -> the file column name
+    system_prompt: Optional[str] = None
+
+
+@dataclass
 class DataSourceSchema:
-    corpus: list[str] = field(default_factory=list)  # text files/globs; empty = the stdlib corpus
-    max_corpus_mb: float = 8.0
-    sft_path: Optional[str] = None  # JSONL prompt/response
-    preference_path: Optional[str] = None  # JSONL prompt/chosen/rejected
+    corpus: list[str] = field(default_factory=list)  # files, folders or globs; empty = the stdlib corpus
+    corpus_format: str = "auto"  # auto | text | jsonl | parquet | hf
+    text_column: str = "text"
+    hf_split: str = "train"
+    max_corpus_mb: Optional[float] = 8.0  # None = no cap
+    tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
+    sft: RowSetSchema = field(default_factory=RowSetSchema)
+    preference: RowSetSchema = field(default_factory=RowSetSchema)
 
 
 @dataclass
@@ -74,6 +97,7 @@ class DataStageSchema:
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     out_dir: str = "outputs/data"
     vocab_size: int = 4096
+    tokenizer_sample_mb: float = 64.0
     val_fraction: float = 0.05
     arithmetic_max: int = 20
     heldout_fraction: float = 0.1
@@ -101,6 +125,8 @@ class PretrainSchema(TrainStageSchema):
 class SFTSchema(TrainStageSchema):
     init_from: str = "outputs/pretrain"
     max_len: int = 128
+    long_prompt: str = "truncate_left"  # truncate_left | drop
+    packing: bool = False
     eval_max_new_tokens: int = 24
     eval_limit: int = 200
 
@@ -109,6 +135,7 @@ class SFTSchema(TrainStageSchema):
 class RewardSchema(TrainStageSchema):
     init_from: str = "outputs/sft"
     max_len: int = 128
+    long_prompt: str = "truncate_left"
 
 
 @dataclass
@@ -151,6 +178,7 @@ class DPOSchema:
     sft_coef: float = 0.0  # RPO: weight of the chosen responses' NLL
     batch_size: int = 16
     max_len: int = 128
+    long_prompt: str = "truncate_left"
 
 
 @dataclass
@@ -264,5 +292,20 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
                                          f"multiple of {per_iter}, got {cfg.trainer.max_steps}")
         if cfg.dpo.beta <= 0:
             bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
-    if stage == "data" and not 0 < cfg.val_fraction < 1:
-        bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+    for key in ("long_prompt", "dpo.long_prompt"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in ("truncate_left", "drop"):
+            bad(key, f"expected truncate_left or drop, got {value!r}")
+    if stage == "data":
+        from .data.formats import PREFERENCE_FORMATS, SFT_FORMATS
+
+        d = cfg.data
+        if not 0 < cfg.val_fraction < 1:
+            bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+        if d.corpus_format not in CORPUS_FORMATS:
+            bad("data.corpus_format", f"expected one of {', '.join(CORPUS_FORMATS)}, got {d.corpus_format!r}")
+        if d.max_corpus_mb is not None and d.max_corpus_mb <= 0:
+            bad("data.max_corpus_mb", f"must be > 0 (or null for no cap), got {d.max_corpus_mb}")
+        for key, formats in (("sft", SFT_FORMATS), ("preference", PREFERENCE_FORMATS)):
+            if d[key].format not in formats:
+                bad(f"data.{key}.format", f"expected one of {', '.join(formats)}, got {d[key].format!r}")

@@ -8,7 +8,6 @@ import torch
 
 from .generation import Generation, generate, positions_from_mask
 from .model import GPT, ScalarHead, last_token_index
-from .tokenizer import EOS_ID, PAD_ID, decode, encode_prompt
 
 
 def eval_subset(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
@@ -46,10 +45,10 @@ def generate_answers(model: GPT, tok, prompts: list[str], max_new_tokens: int, b
     """Greedy (by default) responses to ``prompts`` as text, plus the raw generations per batch."""
     texts, gens = [], []
     for i in range(0, len(prompts), batch_size):
-        ids = [encode_prompt(tok, p) for p in prompts[i:i + batch_size]]
-        g = generate(model, ids, max_new_tokens, EOS_ID, PAD_ID, temperature=temperature)
+        ids = [tok.encode_prompt(p) for p in prompts[i:i + batch_size]]
+        g = generate(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature)
         gens.append(g)
-        texts += [decode(tok, r.tolist()) for r in g.responses]
+        texts += [tok.decode(r.tolist()) for r in g.responses]
     return texts, gens
 
 

@@ -19,7 +19,6 @@ from .evaluation import full_attention, normalise, reward_scores
 from .generation import generate
 from .losses import token_logprobs
 from .model import GPT, ScalarHead
-from .tokenizer import EOS_ID, PAD_ID, decode
 
 REWARDS = ("model", "exact_match", "model+exact_match")
 
@@ -54,10 +53,10 @@ class Rollout:
                        self.token_mask[idx])
 
 
-def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0) -> Rollout:
+def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
     """Sample one response per prompt (lists of ids; repeat a prompt for several) with the KV cache."""
-    g = generate(policy, prompts, max_new_tokens, EOS_ID, PAD_ID, temperature=temperature, top_k=top_k, top_p=top_p)
+    g = generate(policy, prompts, max_new_tokens, eos_id, pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
     amask = g.attention_mask.clone()
     attn, pos = full_attention(amask)
     return Rollout(g.tokens.clone(), attn, pos, g.prompt_len, g.response_mask.clone().float(), g.finished.clone(),
@@ -107,7 +106,7 @@ def sequence_reward_fn(kind: str, tok, reward_model: GPT | None = None, reward_h
         if "model" in parts:
             total += reward_scores(reward_model, reward_head, r.tokens, r.token_mask)
         if "exact_match" in parts:
-            texts = [decode(tok, row.tolist()) for row in r.responses]
+            texts = [tok.decode(row.tolist()) for row in r.responses]
             hits = [float(bool(a) and normalise(t) == normalise(a)) for t, a in zip(texts, answers)]
             total += exact_match_weight * torch.tensor(hits, device=r.tokens.device)
         return total

@@ -1,58 +1,149 @@
-"""Byte-level BPE tokenizer and the chat template shared by every stage.
+"""The tokenizer layer shared by every stage: a ``tokenizers`` tokenizer, its special tokens and the chat template.
 
-Token ids 0..5 are reserved for :data:`SPECIAL_TOKENS` (pad, bos, eos and the
-three chat roles).  Text is split into single digits (so ``"123"`` is always three
-tokens, which keeps arithmetic learnable) and then byte-level BPE is applied, so
-every string round-trips exactly through ``encode``/``decode``.
+A :class:`ChatTokenizer` is either trained here (byte-level BPE, :func:`train_tokenizer`) or brought by the user
+as a local Hugging Face tokenizer (a ``tokenizer.json`` file or a folder holding one, :func:`load_tokenizer`).
+It is saved as the two files Hugging Face uses, so ``transformers.AutoTokenizer.from_pretrained(folder)``
+reads it too:
 
-Chat layout (see :data:`CHAT_TEMPLATE`)::
+    tokenizer.json          the tokenizer, with the chat-role tokens added as special tokens
+    tokenizer_config.json   ``bos_token``, ``eos_token``, ``pad_token``, the role tokens and ``chat_template``
 
-    <|bos|><|user|>{prompt}<|assistant|>{response}<|eos|>
-    mask:  0      0     0...0       0        1...1      1
+Every stage output carries both files, so special-token ids and the chat template never change after the data
+stage.
+
+Chat layout (the Jinja form is :func:`chat_template`; :meth:`ChatTokenizer.encode_chat` is the implementation)::
+
+    <bos><|system|>{system}<|user|>{prompt}<|assistant|>{response}<eos><|user|>...
+    loss mask: 1 on every assistant response token and the EOS that ends it, 0 elsewhere
+
+The model is trained from scratch by the pipeline, so this template is the one it learns; a brought
+tokenizer's own ``chat_template`` is replaced (a warning says so).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
-PAD_ID, BOS_ID, EOS_ID, SYSTEM_ID, USER_ID, ASSISTANT_ID = 0, 1, 2, 3, 4, 5
+log = logging.getLogger("llmstages")
 
-#: Jinja-style description of the chat template (documentation / interop only;
-#: :func:`encode_prompt` and :func:`encode_chat` are the implementation).
-CHAT_TEMPLATE = (
-    "{{ '<|bos|>' }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system|>' + message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user|>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>' + message['content'] + '<|eos|>' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
+TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+ROLES = ("system", "user", "assistant")
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+#: Specials of a tokenizer trained here, in id order 0..5.
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", *ROLE_TOKENS.values()]
+#: EOS names tried, in order, for a brought tokenizer with no ``tokenizer_config.json``.
+KNOWN_EOS = ("<|eos|>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
 
-def _check_specials(tok: Tokenizer, source: str) -> None:
-    """Raise ValueError unless ``SPECIAL_TOKENS[i]`` has id ``i`` in ``tok``."""
-    for i, t in enumerate(SPECIAL_TOKENS):
-        got = tok.token_to_id(t)
-        if got != i:
-            raise ValueError(f"{source}: special token {t!r} has id {got}, expected {i}")
+def chat_template(bos: str, eos: str, roles: dict[str, str] = ROLE_TOKENS) -> str:
+    """The Jinja chat template (Hugging Face ``apply_chat_template`` form) equivalent to ``encode_chat``."""
+    parts = [f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{r}' %}}{{{{ '{roles[r]}' + message['content']"
+             + (f" + '{eos}'" if r == "assistant" else "") + " }}" for i, r in enumerate(ROLES)]
+    return (f"{{{{ '{bos}' }}}}{{% for message in messages %}}{''.join(parts)}{{% endif %}}{{% endfor %}}"
+            f"{{% if add_generation_prompt %}}{{{{ '{roles['assistant']}' }}}}{{% endif %}}")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``texts``.
+@dataclass
+class ChatTokenizer:
+    """A ``tokenizers.Tokenizer`` with the ids of its special tokens.
+
+    Text is always encoded with special-token strings treated as plain text (a prompt that contains
+    ``"<|eos|>"`` never yields the EOS id) and without any post-processor tokens.
+    """
+
+    tok: Tokenizer
+    bos: str
+    eos: str
+    pad: str
+
+    def __post_init__(self) -> None:
+        self.tok.encode_special_tokens = True  # not serialised by tokenizers: set on every construction
+        ids = {name: self.tok.token_to_id(t) for name, t in (("bos", self.bos), ("eos", self.eos), ("pad", self.pad),
+                                                              *ROLE_TOKENS.items())}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer has no token for {missing} (bos={self.bos!r}, eos={self.eos!r}, "
+                             f"pad={self.pad!r}, roles={list(ROLE_TOKENS.values())})")
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.role_ids = {r: ids[r] for r in ROLES}
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the id space (largest id + 1), the model's minimum vocabulary."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    @property
+    def chat_template(self) -> str:
+        return chat_template(self.bos, self.eos)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain ``text`` (no special tokens added)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` up to (not including) the first EOS, special tokens skipped."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+        """Ids and loss mask (equal lengths) of a conversation ``[{"role", "content"}, ...]``.
+
+        The mask is 1 on each assistant message's tokens and the EOS that closes it, 0 on BOS, role tokens,
+        system and user text.
+
+        Raises:
+            ValueError: a role other than system/user/assistant.
+        """
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            if m["role"] not in self.role_ids:
+                raise ValueError(f"unknown chat role {m['role']!r} (expected one of {list(ROLES)})")
+            body = self.encode(m["content"])
+            ids.append(self.role_ids[m["role"]])
+            mask.append(0)
+            if m["role"] == "assistant":
+                ids += [*body, self.eos_id]
+                mask += [1] * (len(body) + 1)
+            else:
+                ids += body
+                mask += [0] * len(body)
+        return ids, mask
+
+    def encode_prompt(self, prompt: str | Sequence[dict]) -> list[int]:
+        """Generation prompt ids: the conversation (a string is one user message) then the assistant token."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.encode_chat(messages)[0] + [self.role_ids["assistant"]]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (created); returns ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / TOKENIZER_FILE).write_text(self.tok.to_str(), encoding="utf-8")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos, "eos_token": self.eos,
+                  "pad_token": self.pad, "additional_special_tokens": list(ROLE_TOKENS.values()),
+                  "chat_template": self.chat_template, "clean_up_tokenization_spaces": False}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return folder
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> ChatTokenizer:
+    """Train a byte-level BPE tokenizer on ``texts``; specials get ids 0..5 (:data:`SPECIAL_TOKENS`).
+
+    Digits are split individually (``"123"`` is always three tokens, which keeps arithmetic learnable) and
+    every string round-trips exactly through ``encode``/``decode``.
 
     Args:
         texts: training documents (any iterable of str).
-        vocab_size: target vocabulary size including the 6 specials and the 256
-            byte symbols; must be >= 262. The result may be smaller if the corpus
-            has too few distinct merges.
-
-    Returns:
-        A ``tokenizers.Tokenizer``; same texts -> byte-identical ``to_str()``.
+        vocab_size: target vocabulary size including the 6 specials and the 256 byte symbols (>= 262); the
+            result may be smaller if the corpus has too few distinct merges.
 
     Raises:
         ValueError: if ``vocab_size`` is too small.
@@ -71,71 +162,63 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=alphabet, show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    _check_specials(tok, "trained tokenizer")
-    return plain_text_mode(tok)
+    return ChatTokenizer(tok, bos="<|bos|>", eos="<|eos|>", pad="<|pad|>")
 
 
-def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    """Write ``tok`` as a ``tokenizer.json`` file at ``path`` (parents created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tok.to_str(), encoding="utf-8")
+def _token_name(value) -> str | None:
+    """A special token in ``tokenizer_config.json``: a string or ``{"content": ...}`` (AddedToken form)."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved by :func:`save_tokenizer`.
+def load_tokenizer(path: str | Path, *, bos_token: str | None = None, eos_token: str | None = None,
+                   pad_token: str | None = None) -> ChatTokenizer:
+    """Load a tokenizer saved by :meth:`ChatTokenizer.save`, or bring a Hugging Face one.
+
+    ``path`` is a ``tokenizer.json`` file or a folder holding one (and usually ``tokenizer_config.json``).
+    Special tokens come from the arguments, else ``tokenizer_config.json``, else (EOS only) the first of
+    :data:`KNOWN_EOS` in the vocabulary. A missing BOS becomes ``<|bos|>`` (added); a missing PAD is the EOS
+    (padding is always masked by length, never by id, so PAD == EOS is safe). Missing chat-role tokens are
+    added as special tokens at the end of the vocabulary; existing ids never change.
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist (message names the path).
-        ValueError: if the file is not a tokenizer or the special-token ids are not 0..5.
+        FileNotFoundError: no tokenizer at ``path`` (message names the path).
+        ValueError: not a valid ``tokenizer.json`` / ``tokenizer_config.json``, no EOS could be determined, or
+            a named special token is not in the vocabulary.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        hint = " (a folder must hold tokenizer.json; convert slow tokenizers with transformers first)" \
+            if path.is_dir() else ""
+        raise FileNotFoundError(f"tokenizer not found: {file}{hint}")
     try:
-        tok = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+        tok = Tokenizer.from_str(file.read_text(encoding="utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"{path}: not a valid tokenizer.json: {e}") from e
-    _check_specials(tok, str(path))
-    return plain_text_mode(tok)
-
-
-def plain_text_mode(tok: Tokenizer) -> Tokenizer:
-    """Make special-token strings inside text encode as ordinary text (in place; returns ``tok``).
-
-    ``tokenizers`` does not serialize this flag, so :func:`train_tokenizer`,
-    :func:`load_tokenizer` and the encode helpers re-apply it. Thus ``"<|eos|>"``
-    typed in a prompt never becomes ``EOS_ID``.
-    """
-    if not tok.encode_special_tokens:
-        tok.encode_special_tokens = True
-    return tok
-
-
-def _encode(tok: Tokenizer, text: str) -> list[int]:
-    return plain_text_mode(tok).encode(text, add_special_tokens=False).ids
-
-
-def encode_prompt(tok: Tokenizer, prompt: str) -> list[int]:
-    """Ids for a generation prompt: ``[BOS, USER] + encode(prompt) + [ASSISTANT]``."""
-    return [BOS_ID, USER_ID, *_encode(tok, prompt), ASSISTANT_ID]
-
-
-def encode_chat(tok: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Ids and loss mask for one prompt/response exchange.
-
-    Returns:
-        ``(ids, loss_mask)`` of equal length ``encode_prompt(prompt) + encode(response) + [EOS]``;
-        the mask is 0 on the prompt part and 1 on the response tokens and the final EOS.
-    """
-    p = encode_prompt(tok, prompt)
-    r = [*_encode(tok, response), EOS_ID]
-    return p + r, [0] * len(p) + [1] * len(r)
-
-
-def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
-    """Decode ``ids`` up to (not including) the first EOS, skipping special tokens."""
-    ids = [int(i) for i in ids]
-    if EOS_ID in ids:
-        ids = ids[: ids.index(EOS_ID)]
-    return tok.decode(ids, skip_special_tokens=True)
+        raise ValueError(f"{file}: not a valid tokenizer.json: {e}") from e
+    config_file = file.parent / CONFIG_FILE
+    config = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from e
+    vocab = tok.get_vocab(with_added_tokens=True)
+    eos = eos_token or _token_name(config.get("eos_token")) or next((t for t in KNOWN_EOS if t in vocab), None)
+    if eos is None:
+        raise ValueError(f"{file}: cannot tell the EOS token (no {CONFIG_FILE} and none of {list(KNOWN_EOS)} in the "
+                         f"vocabulary); set data.tokenizer.eos_token")
+    bos = bos_token or _token_name(config.get("bos_token")) or "<|bos|>"
+    pad = pad_token or _token_name(config.get("pad_token")) or eos
+    for name, t in (("eos_token", eos), ("pad_token", pad)):
+        if t not in vocab:
+            raise ValueError(f"{file}: {name} {t!r} is not in the vocabulary")
+    new = [t for t in (bos, *ROLE_TOKENS.values()) if t not in vocab]
+    if new:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        log.info("%s: added special tokens %s", file, new)
+    template = config.get("chat_template")
+    chat = ChatTokenizer(tok, bos=bos, eos=eos, pad=pad)
+    if template and template != chat.chat_template:
+        log.warning("%s: its chat_template is replaced by llmstages' role-token template (the model is trained "
+                    "from scratch with it)", config_file)
+    return chat

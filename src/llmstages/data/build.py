@@ -1,24 +1,27 @@
 """The ``data`` pipeline stage: corpus -> tokenizer -> token files + verifiable task sets.
 
-Everything is derived deterministically from the arguments (and, for the default
-corpus, from the running Python's standard library), so two runs with the same
-arguments produce byte-identical files. Output layout of ``out_dir``::
+Everything is derived deterministically from the arguments (and, for the default corpus, from the running
+Python's standard library), so two runs with the same arguments produce byte-identical files. User files are
+validated first (any error names the file and line), then the corpus is streamed through the tokenizer
+(:mod:`llmstages.data.corpus`), all into a temporary folder that replaces ``out_dir`` only on success. Output
+layout of ``out_dir``::
 
-    tokenizer.json                 byte-level BPE (llmstages.tokenizer)
-    train.bin, val.bin             little-endian uint16 token ids; every document is followed by EOS
-    meta.json                      vocab size, token/byte counts, entropy, document names, task counts
+    tokenizer.json, tokenizer_config.json   trained byte-level BPE or the brought tokenizer (llmstages.tokenizer)
+    train.bin, val.bin             little-endian token ids (uint16, or uint32 for vocabularies over 65536);
+                                   every document is followed by EOS; the split is by document
+    meta.json                      dtype, special ids, token/byte/document counts, entropy, drop counts
     metrics.json                   flat dict of numbers (also returned by build_data)
-    sft_{train,val}.jsonl          {"prompt", "response", "task"}
-    pref_{train,val}.jsonl         {"prompt", "chosen", "rejected", "task"}
+    sft_{train,val}.jsonl          {"messages": [{"role", "content"}, ...], "task"}
+    pref_{train,val}.jsonl         {"prompt": [messages], "chosen", "rejected", "task"}
     prompts_{train,val}.jsonl      {"prompt", "answer", "task"}   (RL prompts with checkable answers)
 """
 
 from __future__ import annotations
 
-import glob as globlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import random
 import re
@@ -26,16 +29,18 @@ import secrets
 import shutil
 import sysconfig
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmstages.checkpoint import write_json
+from llmstages.data.corpus import Piece, corpus_bytes, is_val_doc, iter_corpus, token_dtype, write_token_files
+from llmstages.data.formats import load_preferences, load_sft
 from llmstages.data.jsonio import iter_jsonl, require_fields
-from llmstages.tokenizer import EOS_ID, save_tokenizer, train_tokenizer
+from llmstages.tokenizer import load_tokenizer, train_tokenizer
 
+log = logging.getLogger("llmstages")
 MB = 1_000_000  #: bytes per "megabyte" in ``max_corpus_mb`` / ``corpus_mb``
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 DOC_MODULES = (
@@ -44,95 +49,36 @@ DOC_MODULES = (
     "operator", "os.path", "random", "re", "secrets", "shlex", "shutil", "statistics", "string",
     "struct", "textwrap", "urllib.parse", "uuid", "zlib",
 )
-SFT_FIELDS = ("prompt", "response")
-PREF_FIELDS = ("prompt", "chosen", "rejected")
 
-Source = tuple[str, Callable[[], "str | None"]]  # (document name, loader); loader -> None means skip
 
 
 # --------------------------------------------------------------------------- corpus
-def _stdlib_sources(seed: int) -> list[Source]:
-    """Stdlib ``.py`` files and pydoc topics, in a seeded shuffled (diverse, deterministic) order.
-
-    Undecodable or empty stdlib files are skipped (their loader returns None).
-    """
+def _stdlib_pieces(seed: int, max_bytes: int | None) -> Iterator[Piece]:
+    """Stdlib ``.py`` files and pydoc topics as whole-document pieces, in a seeded shuffled (diverse,
+    deterministic) order, up to ``max_bytes`` by whole documents. Undecodable or empty files are skipped."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files: list[str] = []
-    for d, dirs, names in os.walk(root):
+    names: list[str] = []
+    for d, dirs, files in os.walk(root):
         dirs[:] = sorted(x for x in dirs if x not in STDLIB_SKIP_DIRS)
-        files += [str(Path(d, n).relative_to(root)) for n in sorted(names) if n.endswith(".py")]
-
-    def load_file(rel: str) -> str | None:
-        try:
-            text = (root / rel).read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            return None
-        return text if text.strip() else None
-
+        names += [f"stdlib/{Path(d, n).relative_to(root)}" for n in sorted(files) if n.endswith(".py")]
     from pydoc_data.topics import topics
 
-    sources: list[Source] = [(f"stdlib/{r}", lambda r=r: load_file(r)) for r in sorted(files)]
-    sources += [(f"pydoc_topics/{k}", lambda k=k: topics[k]) for k in sorted(topics)]
-    random.Random(seed).shuffle(sources)
-    return sources
-
-
-def _user_sources(patterns: list[str]) -> list[Source]:
-    """Files matched by ``patterns`` (recursive globs), pattern order, each pattern's matches sorted.
-
-    Raises:
-        FileNotFoundError: a pattern matches no file.
-    """
-    seen: set[str] = set()
-    sources: list[Source] = []
-    for pat in patterns:
-        matches = sorted(p for p in globlib.glob(str(pat), recursive=True) if os.path.isfile(p))
-        if not matches:
-            raise FileNotFoundError(f"corpus pattern matched no files: {pat!r}")
-        for p in matches:
-            key = os.path.realpath(p)
-            if key not in seen:
-                seen.add(key)
-                sources.append((p, lambda p=p: _read_utf8(p)))
-    return sources
-
-
-def _read_utf8(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file is not valid UTF-8: {path} ({e})") from e
-
-
-def _take(sources: list[Source], cap_bytes: int, bar: Progress) -> list[tuple[str, str]]:
-    """Load whole documents in order until the next one would exceed ``cap_bytes`` (>= 1 doc)."""
-    task = bar.add_task("reading corpus", total=cap_bytes)
-    docs: list[tuple[str, str]] = []
-    total = 0
-    for name, load in sources:
-        text = load()
-        if text is None:
+    names += [f"pydoc_topics/{k}" for k in sorted(topics)]
+    random.Random(seed).shuffle(names)
+    total, doc = 0, 0
+    for name in names:
+        try:
+            text = topics[name[13:]] if name.startswith("pydoc_topics/") else (root / name[7:]).read_text("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not text.strip():
             continue
         n = len(text.encode("utf-8"))
-        if docs and total + n > cap_bytes:
-            break
-        docs.append((name, text))
+        if max_bytes is not None and doc and total + n > max_bytes:
+            return
         total += n
-        bar.update(task, completed=min(total, cap_bytes))
-    return docs
-
-
-def _tokenize(tok, texts: list[str], bar: Progress, label: str) -> np.ndarray:
-    """Concatenate ``encode(text) + [EOS]`` for every text. Returns a uint16 array."""
-    task = bar.add_task(f"tokenizing {label}", total=len(texts))
-    parts: list[np.ndarray] = []
-    eos = np.array([EOS_ID], dtype=np.uint16)
-    for i in range(0, len(texts), 64):
-        chunk = texts[i : i + 64]
-        for enc in tok.encode_batch(chunk, add_special_tokens=False):
-            parts += [np.asarray(enc.ids, dtype=np.uint16), eos]
-        bar.advance(task, len(chunk))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+        yield Piece(doc, name, text, True)
+        doc += 1
 
 
 # --------------------------------------------------------------------------- task sets
@@ -230,16 +176,26 @@ def _val_questions(questions: list[str], fraction: float, seed: int) -> set[str]
     return set(order[:n_val])
 
 
+def prompt_key(row: dict) -> str:
+    """What a held-out split groups by: the prompt text, or for a conversation everything before its last turn."""
+    prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
 def _split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split rows by ``row["prompt"]``, separately per ``row["task"]``; row order is kept."""
+    """Split rows by :func:`prompt_key`, separately per ``row["task"]``; row order is kept."""
     val: set[str] = set()
     for task in sorted({r["task"] for r in rows}):
-        val |= _val_questions([r["prompt"] for r in rows if r["task"] == task], fraction, seed)
-    return [r for r in rows if r["prompt"] not in val], [r for r in rows if r["prompt"] in val]
+        val |= _val_questions([prompt_key(r) for r in rows if r["task"] == task], fraction, seed)
+    return [r for r in rows if prompt_key(r) not in val], [r for r in rows if prompt_key(r) in val]
+
+
+def _chat(prompt: str, response: str | None = None) -> list[dict]:
+    return [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": response}] if response else [])
 
 
 def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str, list[dict]]:
-    """Default sft/pref/prompts rows for both splits, keyed like ``"sft_train"``.
+    """Default sft/pref/prompts rows for both splits, keyed like ``"sft_train"``, in the canonical forms.
 
     Docstring rejections are drawn from the same split's answers, so train/val stay disjoint.
     """
@@ -249,7 +205,7 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
     out: dict[str, list[dict]] = {}
     for split, rows in zip(("train", "val"), _split_rows(base, fraction, seed)):
         out[f"prompts_{split}"] = rows
-        out[f"sft_{split}"] = [{"prompt": r["prompt"], "response": r["answer"], "task": r["task"]} for r in rows]
+        out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], r["answer"]), "task": r["task"]} for r in rows]
         doc_answers = [r["answer"] for r in rows if r["task"] == "docstring"]
         pref = []
         for r in rows:
@@ -258,7 +214,8 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
             else:
                 others = [a for a in doc_answers if a != r["answer"]]
                 rejects = [random.Random(f"{seed}:{r['prompt']}").choice(others)] if others else []
-            pref += [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": x, "task": r["task"]} for x in rejects]
+            pref += [{"prompt": _chat(r["prompt"]), "chosen": r["answer"], "rejected": x, "task": r["task"]}
+                     for x in rejects]
         out[f"pref_{split}"] = pref
     return out
 
@@ -275,9 +232,6 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
             decoding error), a non-object row, a missing field (listing the fields found) or a non-string
             field; naming ``path`` for an empty file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"JSONL file not found: {path}")
     rows = []
     for where, row in iter_jsonl(path):
         require_fields(where, row, fields)
@@ -301,49 +255,59 @@ def build_data(
     out_dir: str | Path,
     *,
     corpus: list[str] | None = None,
-    max_corpus_mb: float = 8.0,
+    corpus_format: str = "auto",
+    text_column: str = "text",
+    hf_split: str = "train",
+    max_corpus_mb: float | None = 8.0,
+    tokenizer: dict | None = None,
     vocab_size: int = 4096,
+    tokenizer_sample_mb: float = 64.0,
     val_fraction: float = 0.05,
     seed: int = 1234,
     arithmetic_max: int = 20,
     heldout_fraction: float = 0.1,
-    sft_path: str | None = None,
-    preference_path: str | None = None,
+    sft: dict | None = None,
+    preference: dict | None = None,
     progress: bool = True,
 ) -> dict:
     """Build the data stage into ``out_dir`` atomically (see module docstring for the layout).
 
     Args:
         out_dir: output directory; replaced as a whole only after everything succeeded.
-        corpus: file paths / recursive globs (one document per file); None/empty -> the stdlib
-            ``.py`` sources + pydoc topics in a seeded shuffled order.
-        max_corpus_mb: cap on corpus UTF-8 size in MB (10**6 bytes), by whole documents (>= 1).
-        vocab_size: tokenizer vocab size, 262..65535 (tokens are stored as uint16).
-        val_fraction: fraction of documents (>= 1) used for validation.
+        corpus: files, folders or recursive globs (see :func:`llmstages.data.corpus.iter_corpus`); None/empty ->
+            the stdlib ``.py`` sources + pydoc topics in a seeded shuffled order.
+        corpus_format / text_column / hf_split: how corpus files are read (``auto`` goes by file extension).
+        max_corpus_mb: cap on corpus UTF-8 size in MB (10**6 bytes), by whole documents (>= 1); None = no cap.
+        tokenizer: ``{"path", "bos_token", "eos_token", "pad_token"}`` of a local Hugging Face tokenizer to use
+            as is (see :func:`llmstages.tokenizer.load_tokenizer`); None or no path -> train byte-level BPE.
+        vocab_size: vocabulary size of the trained tokenizer (262..65535).
+        tokenizer_sample_mb: MB of training documents (in corpus order) the tokenizer is trained on.
+        val_fraction: fraction of documents held out for validation (document 0 always is).
         seed: seeds every random choice (document split, question split, rejected answers).
         arithmetic_max: operands of the arithmetic task range over 0..arithmetic_max.
-        heldout_fraction: fraction of questions (per task) held out for the ``*_val`` task files.
-        sft_path / preference_path: optional user JSONL replacing the default SFT / preference set.
-        progress: show a rich progress bar while reading and tokenizing.
+        heldout_fraction: fraction of prompts (per task) held out for the ``*_val`` task files.
+        sft / preference: ``{"path", "format", "columns", "system_prompt"}`` of a user file replacing the
+            built-in set (see :mod:`llmstages.data.formats`); None or no path -> the built-in set.
+        progress: show rich progress bars while reading and tokenizing.
 
     Returns:
-        Flat dict of numbers (also written to ``metrics.json``): train_tokens, val_tokens,
-        vocab_size, unigram_entropy_nats, n_sft_train, n_sft_val, n_pref_train, n_pref_val,
-        n_prompts_train, n_prompts_val, corpus_mb.
+        Flat dict of numbers (also written to ``metrics.json``): token, document and byte counts, vocabulary
+        size, unigram entropy, rows per task file, and rows read/kept/dropped per reason for user files.
 
     Raises:
-        ValueError: bad arguments, fewer than 2 documents, non-UTF-8 corpus file, invalid user JSONL.
-        FileNotFoundError: a corpus pattern matching nothing, a missing user JSONL file.
+        ValueError: bad arguments, fewer than 2 documents, undecodable or malformed input (naming the file and
+            line), a user file that is empty or whose rows are all dropped (with the counts per reason).
+        FileNotFoundError: a corpus pattern matching nothing, a missing user file or tokenizer.
         NotADirectoryError: ``out_dir`` exists and is not a directory.
     """
-    if not 262 <= vocab_size <= 65535:
-        raise ValueError(f"vocab_size={vocab_size} must be in 262..65535 (uint16 token files)")
+    if not (tokenizer or {}).get("path") and not 262 <= vocab_size <= 65535:
+        raise ValueError(f"vocab_size={vocab_size} must be in 262..65535")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
-    if not max_corpus_mb > 0:
-        raise ValueError(f"max_corpus_mb={max_corpus_mb} must be > 0")
+    if max_corpus_mb is not None and not max_corpus_mb > 0:
+        raise ValueError(f"max_corpus_mb={max_corpus_mb} must be > 0 (or None for no cap)")
     if arithmetic_max < 0:
         raise ValueError(f"arithmetic_max={arithmetic_max} must be >= 0")
     out = Path(out_dir)
@@ -353,10 +317,12 @@ def build_data(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        metrics = _build_into(tmp, corpus=corpus, max_corpus_mb=max_corpus_mb, vocab_size=vocab_size,
+        metrics = _build_into(tmp, corpus=corpus, corpus_format=corpus_format, text_column=text_column,
+                              hf_split=hf_split, max_corpus_mb=max_corpus_mb, tokenizer=tokenizer or {},
+                              vocab_size=vocab_size, tokenizer_sample_mb=tokenizer_sample_mb,
                               val_fraction=val_fraction, seed=seed, arithmetic_max=arithmetic_max,
-                              heldout_fraction=heldout_fraction, sft_path=sft_path,
-                              preference_path=preference_path, progress=progress)
+                              heldout_fraction=heldout_fraction, sft=sft or {}, preference=preference or {},
+                              progress=progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -368,56 +334,77 @@ def build_data(
     return metrics
 
 
-def _build_into(tmp: Path, *, corpus, max_corpus_mb, vocab_size, val_fraction, seed, arithmetic_max,
-                heldout_fraction, sft_path, preference_path, progress) -> dict:
+def _user_sets(tasks: dict, sft: dict, preference: dict, fraction: float, seed: int) -> dict[str, int]:
+    """Replace built-in sets in ``tasks`` by the user's files; returns their read/kept/dropped counts."""
+    counts: dict[str, int] = {}
+    for kind, spec, load in (("sft", sft, load_sft), ("pref", preference, load_preferences)):
+        if not spec.get("path"):
+            continue
+        rows, report = load(spec["path"], spec.get("format", "auto"), dict(spec.get("columns") or {}),
+                            spec.get("system_prompt"))
+        train, val = _split_rows(rows, fraction, seed)
+        if not train or not val:
+            raise ValueError(f"{spec['path']}: {len({prompt_key(r) for r in rows})} distinct prompt(s); at least 2 "
+                             f"are needed so that one can be held out (data.heldout_fraction={fraction})")
+        tasks[f"{kind}_train"], tasks[f"{kind}_val"] = train, val
+        log.info("%s: %s format, %d rows read, %d kept%s", spec["path"], report.format, report.read, report.kept,
+                 "".join(f", {n} dropped ({k})" for k, n in report.dropped.items()))
+        counts |= {f"{kind}_rows_read": report.read, f"{kind}_rows_kept": report.kept,
+                   **{f"{kind}_rows_dropped_{k}": n for k, n in report.dropped.items()}}
+    return counts
+
+
+def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_corpus_mb, tokenizer, vocab_size,
+                tokenizer_sample_mb, val_fraction, seed, arithmetic_max, heldout_fraction, sft, preference,
+                progress) -> dict:
     # Task sets first: user-file errors surface before the expensive corpus work.
     tasks = _default_tasks(arithmetic_max, seed, heldout_fraction)
-    for kind, path, fields in (("sft", sft_path, SFT_FIELDS), ("pref", preference_path, PREF_FIELDS)):
-        if path:
-            tasks[f"{kind}_train"], tasks[f"{kind}_val"] = _split_rows(read_jsonl(path, fields), heldout_fraction, seed)
-            if not tasks[f"{kind}_train"] or not tasks[f"{kind}_val"]:
-                raise ValueError(f"{path}: {len({r['prompt'] for r in read_jsonl(path, fields)})} distinct prompt(s); "
-                                 f"at least 2 are needed so that one can be held out (data.heldout_fraction="
-                                 f"{heldout_fraction})")
+    user_counts = _user_sets(tasks, sft, preference, heldout_fraction, seed)
 
-    sources = _user_sources(list(corpus)) if corpus else _stdlib_sources(seed)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress) as bar:
-        docs = _take(sources, int(max_corpus_mb * MB), bar)
-        if len(docs) < 2:
-            raise ValueError(f"need at least 2 corpus documents for a train/val split, got {len(docs)}")
-        n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-        val_idx = set(random.Random(seed).sample(range(len(docs)), n_val))
-        train_docs = [d for i, d in enumerate(docs) if i not in val_idx]
-        val_docs = [d for i, d in enumerate(docs) if i in val_idx]
+    max_bytes = None if max_corpus_mb is None else int(max_corpus_mb * MB)
+    dropped: Counter = Counter()
 
-        task = bar.add_task("training tokenizer", total=1)
-        tok = train_tokenizer((t for _, t in train_docs), vocab_size)
-        bar.advance(task)
-        save_tokenizer(tok, tmp / "tokenizer.json")
-        train = _tokenize(tok, [t for _, t in train_docs], bar, "train")
-        val = _tokenize(tok, [t for _, t in val_docs], bar, "val")
+    def pieces() -> Iterator[Piece]:  # a fresh pass over the corpus
+        if not corpus:
+            return _stdlib_pieces(seed, max_bytes)
+        return iter_corpus(list(corpus), corpus_format, text_column, max_bytes=max_bytes, hf_split=hf_split,
+                           dropped=dropped)
 
-    train.astype("<u2").tofile(tmp / "train.bin")
-    val.astype("<u2").tofile(tmp / "val.bin")
-    counts = np.bincount(train, minlength=tok.get_vocab_size())
-    p = counts[counts > 0] / counts.sum()
+    if tokenizer.get("path"):
+        tok = load_tokenizer(tokenizer["path"], bos_token=tokenizer.get("bos_token"),
+                             eos_token=tokenizer.get("eos_token"), pad_token=tokenizer.get("pad_token"))
+    else:
+        tok = train_tokenizer(_sample(pieces(), seed, val_fraction, int(tokenizer_sample_mb * MB)), vocab_size)
+        dropped.clear()  # counted again by the tokenizing pass
+    tok.save(tmp)
+    total = corpus_bytes(list(corpus), corpus_format) if corpus else max_bytes
+    if total is not None and max_bytes is not None:
+        total = min(total, max_bytes)
+    st = write_token_files(pieces(), tok.tok, tok.eos_id, tmp / "train.bin", tmp / "val.bin", seed=seed,
+                           val_fraction=val_fraction, vocab_size=tok.vocab_size, progress=progress, total_bytes=total)
+    counts = st.counts[st.counts > 0]
+    p = counts / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
 
     for name, rows in tasks.items():
         _write_jsonl(tmp / f"{name}.jsonl", rows)
-    nbytes = lambda ds: sum(len(t.encode("utf-8")) for _, t in ds)  # noqa: E731
+    n_docs = st.train.docs + st.val.docs
+    log.info("corpus: %d documents kept%s, %d + %d tokens (train + val), %.1f MB in %.1f s",
+             n_docs, "".join(f", {n} dropped ({k})" for k, n in sorted(dropped.items())), st.train.tokens,
+             st.val.tokens, (st.train.bytes + st.val.bytes) / MB, st.seconds)
     metrics = {
-        "train_tokens": int(train.size), "val_tokens": int(val.size), "vocab_size": tok.get_vocab_size(),
-        "unigram_entropy_nats": entropy, "corpus_mb": (nbytes(train_docs) + nbytes(val_docs)) / MB,
-        **{f"n_{name}": len(tasks[name]) for name in sorted(tasks)},
+        "train_tokens": st.train.tokens, "val_tokens": st.val.tokens, "vocab_size": tok.vocab_size,
+        "unigram_entropy_nats": entropy, "corpus_mb": (st.train.bytes + st.val.bytes) / MB,
+        "corpus_docs": n_docs, **{f"corpus_docs_dropped_{k}": n for k, n in sorted(dropped.items())},
+        **{f"n_{name}": len(tasks[name]) for name in sorted(tasks)}, **user_counts,
     }
     meta = {
-        "vocab_size": tok.get_vocab_size(), "dtype": "uint16", "eos_id": EOS_ID,
-        "train_tokens": int(train.size), "val_tokens": int(val.size),
-        "train_bytes": nbytes(train_docs), "val_bytes": nbytes(val_docs), "unigram_entropy_nats": entropy,
-        "n_train_docs": len(train_docs), "n_val_docs": len(val_docs),
-        "train_docs": [n for n, _ in train_docs], "val_docs": [n for n, _ in val_docs],
+        "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id, "tokenizer": tokenizer.get("path") or "trained",
+        "train_tokens": st.train.tokens, "val_tokens": st.val.tokens,
+        "train_bytes": st.train.bytes, "val_bytes": st.val.bytes, "unigram_entropy_nats": entropy,
+        "n_train_docs": st.train.docs, "n_val_docs": st.val.docs,
+        "train_docs": st.train.names, "val_docs": st.val.names, "corpus_dropped": dict(sorted(dropped.items())),
         **{f"n_{name}": len(tasks[name]) for name in sorted(tasks)},
         "task_counts": {name: dict(sorted(Counter(r["task"] for r in rows).items()))
                         for name, rows in sorted(tasks.items())},
@@ -428,10 +415,21 @@ def _build_into(tmp: Path, *, corpus, max_corpus_mb, vocab_size, val_fraction, s
     return metrics
 
 
-def iter_documents(bin_path: str | Path) -> Iterator[np.ndarray]:
+def _sample(pieces: Iterator[Piece], seed: int, val_fraction: float, max_bytes: int) -> Iterator[str]:
+    """Texts of training documents (never held-out ones), in corpus order, up to about ``max_bytes``."""
+    total = 0
+    for p in pieces:
+        if total >= max_bytes:
+            return
+        if not is_val_doc(p.doc, seed, val_fraction):
+            total += len(p.text.encode("utf-8"))
+            yield p.text
+
+
+def iter_documents(bin_path: str | Path, eos_id: int, dtype: str = "uint16") -> Iterator[np.ndarray]:
     """Yield the token ids of each EOS-terminated document in a ``*.bin`` file (EOS excluded)."""
-    arr = np.fromfile(bin_path, dtype="<u2")
+    arr = np.fromfile(bin_path, dtype=np.dtype(dtype).newbyteorder("<"))
     start = 0
-    for end in np.flatnonzero(arr == EOS_ID):
+    for end in np.flatnonzero(arr == eos_id):
         yield arr[start:end]
         start = end + 1

@@ -1,37 +1,44 @@
 """Datasets and collators shared by the training stages.
 
-Everything here reads the files the ``data`` stage wrote (token files and JSONL sets) and yields plain
-tensors; nothing reads the config tree.
+Everything here reads rows the ``data`` stage wrote (token files and canonical JSONL sets, see
+:mod:`llmstages.data.formats`) and yields plain tensors; nothing reads the config tree.
+
+Over-long examples follow a ``long_prompt`` policy (:data:`LONG_PROMPT_POLICIES`): ``truncate_left`` cuts the
+prompt from the left (after ``<bos>`` and the first role token) so that the response still fits, and cuts a
+response that alone is too long on the right (at least one response token is always kept); ``drop`` drops the
+example. Either way each kept example has at least one supervised token, so no batch can give a NaN or a
+fake 0.0 loss; what was truncated or dropped is counted in the dataset's :class:`EncodeStats`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..tokenizer import PAD_ID, encode_chat, encode_prompt
 from .build import read_jsonl
 
-SFT_FIELDS = ("prompt", "response")
-PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 PROMPT_FIELDS = ("prompt", "answer")
+LONG_PROMPT_POLICIES = ("truncate_left", "drop")
 
 
 class TokenWindows(Dataset):
-    """Random fixed-length windows of a uint16 token file, for next-token prediction.
+    """Random fixed-length windows of a token file, for next-token prediction.
 
     Item ``i`` is ``(x, y)``, both ``(seq_len,)`` int64, with ``y`` = ``x`` shifted by one token. Window
-    offsets are a deterministic function of ``(seed, i)``, so a resumed run sees the same data.
+    offsets are a deterministic function of ``(seed, i)``, so a resumed run sees the same data. ``dtype`` is the
+    file's (``meta.json["dtype"]``: uint16 or uint32).
 
     Raises:
         ValueError: if the file holds fewer than ``seq_len + 1`` tokens.
     """
 
-    def __init__(self, path: str | Path, seq_len: int, num_samples: int, seed: int = 0) -> None:
-        self.tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    def __init__(self, path: str | Path, seq_len: int, num_samples: int, seed: int = 0, dtype: str = "uint16") -> None:
+        self.tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
         self.seq_len, self.num_samples = seq_len, num_samples
@@ -47,70 +54,174 @@ class TokenWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+@dataclass
+class EncodeStats:
+    """What encoding a row set did: rows read, kept, truncated, dropped per reason, tokens kept."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    tokens: int = 0
+
+    def summary(self) -> dict:
+        return {"rows_read": self.read, "rows_kept": self.kept, "rows_truncated": self.truncated,
+                **{f"rows_dropped_{k}": v for k, v in sorted(self.dropped.items())}, "tokens": self.tokens}
+
+    def require_rows(self, what: str) -> None:
+        """Raise ``ValueError`` with the per-reason drop counts if no row was kept."""
+        if not self.kept:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "no rows"
+            raise ValueError(f"{what}: all {self.read} rows were dropped ({reasons})")
+
+
+def fit_length(ctx: list[int], ctx_mask: list[int], responses: list[list[int]], max_len: int,
+               policy: str) -> tuple[list[int], list[int], list[list[int]], bool] | None:
+    """Fit ``ctx + response`` (for every response alike) into ``max_len`` tokens.
+
+    ``ctx`` is everything before the final response (``<bos><role>...<|assistant|>``; ``ctx_mask`` its loss
+    mask, 1 on earlier assistant turns), each response its ids including the closing EOS. With
+    ``truncate_left``, the prompt keeps up to ``max(3, max_len // 2)`` tokens (more when the response is short):
+    it is cut from the left after ``<bos>`` and the first role token; responses longer than the rest are cut on
+    the right (their EOS lost). All responses share the same prompt cut.
+
+    Returns:
+        ``(ctx, ctx_mask, responses, truncated)``, or ``None`` when the example must be dropped (``policy`` is
+        ``"drop"`` and it is too long, or not even one response token fits in ``max_len``).
+    """
+    longest = max(len(r) for r in responses)
+    if len(ctx) + longest <= max_len:
+        return ctx, ctx_mask, responses, False
+    keep = min(longest, max_len - min(len(ctx), max(3, max_len // 2)))  # response tokens kept
+    budget = max_len - keep  # prompt tokens kept: at least <bos>, the first role token and <|assistant|>
+    if policy == "drop" or keep < 1 or budget < 3:
+        return None
+    if len(ctx) > budget:
+        cut = len(ctx) - (budget - 2)
+        ctx, ctx_mask = ctx[:2] + ctx[cut:], ctx_mask[:2] + ctx_mask[cut:]
+    return ctx, ctx_mask, [r[:keep] for r in responses], True
+
+
+def _split_last_turn(ids: list[int], mask: list[int]) -> int:
+    """Index where the final assistant response starts (after the last 0 -> 1 step of the loss mask)."""
+    return next(i for i in range(len(mask) - 1, 0, -1) if mask[i] and not mask[i - 1])
+
+
+class SFTDataset(Dataset):
+    """Conversations ``{"messages": [...]}`` rendered with the chat template (loss on assistant turns only).
+
+    Item: ``(input_ids, loss_mask)`` lists, or with ``packing`` ``(input_ids, loss_mask, segment_ids)``: several
+    examples in order in one sequence of at most ``max_len`` tokens, ``segment_ids`` numbering them from 1.
+    ``stats`` counts what was read, truncated and dropped (reason ``too_long``).
+
+    Raises:
+        ValueError: ``long_prompt`` is not a policy, or every row was dropped (with the counts).
+    """
+
+    def __init__(self, rows: list[dict], tok, max_len: int, long_prompt: str = "truncate_left",
+                 packing: bool = False) -> None:
+        if long_prompt not in LONG_PROMPT_POLICIES:
+            raise ValueError(f"long_prompt={long_prompt!r}: expected one of {list(LONG_PROMPT_POLICIES)}")
+        self.stats, items = EncodeStats(read=len(rows)), []
+        for r in rows:
+            ids, mask = tok.encode_chat(r["messages"])
+            s = _split_last_turn(ids, mask)
+            fit = fit_length(ids[:s], mask[:s], [ids[s:]], max_len, long_prompt)
+            if fit is None:
+                self.stats.dropped["too_long"] += 1
+                continue
+            ctx, ctx_mask, (resp,), truncated = fit
+            self.stats.truncated += truncated
+            items.append((ctx + resp, ctx_mask + [1] * len(resp)))
+        self.stats.kept, self.stats.tokens = len(items), sum(len(i[0]) for i in items)
+        self.stats.require_rows("SFT set")
+        self.items = pack(items, max_len) if packing else items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def pack(items: list[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """Greedy in-order packing: consecutive examples share a sequence while the total stays <= ``max_len``.
+
+    Returns ``(ids, loss_mask, segment_ids)`` per packed sequence; each example keeps its own loss mask.
+    """
+    packs, cur = [], ([], [], [])
+    for ids, mask in items:
+        if cur[0] and len(cur[0]) + len(ids) > max_len:
+            packs.append(cur)
+            cur = ([], [], [])
+        seg = (cur[2][-1] if cur[2] else 0) + 1
+        cur[0].extend(ids), cur[1].extend(mask), cur[2].extend([seg] * len(ids))
+    if cur[0]:
+        packs.append(cur)
+    return packs
+
+
 def _pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
     T = max(len(s) for s in seqs)
     return torch.tensor([s + [value] * (T - len(s)) for s in seqs], dtype=torch.long)
 
 
-def encode_sft(tok, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]] | None:
-    """Chat-template ids and loss mask for one example, at most ``max_len`` tokens, or ``None`` if impossible.
+def packed_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask ``(B, T, T)`` and position ids ``(B, T)`` for packed rows with ``segments`` ``(B, T)``.
 
-    Too-long examples keep the whole response (with its EOS) and the end of the prompt: the prompt is cut on
-    the left, after ``<|bos|><|user|>``. A response longer than ``max_len - 3`` is cut on the right (its EOS
-    lost). ``None`` when not even one response token fits (``max_len < 4``).
+    A token attends causally to earlier tokens of its own example only (segment 0 = padding attends to itself);
+    positions restart at 0 for each example, so a packed example is computed exactly as it would be alone.
     """
-    ids, mask = encode_chat(tok, prompt, response)
-    if len(ids) <= max_len:
-        return ids, mask
-    n_prompt = mask.index(1)  # <|bos|><|user|> body <|assistant|>
-    keep_resp = min(len(ids) - n_prompt, max_len - 3)
-    if keep_resp < 1:
-        return None
-    body = ids[2:n_prompt - 1]
-    body = body[len(body) - (max_len - keep_resp - 3):] if max_len - keep_resp > 3 else []
-    ids = ids[:2] + body + [ids[n_prompt - 1]] + ids[n_prompt:n_prompt + keep_resp]
-    return ids, [0] * (len(body) + 3) + [1] * keep_resp
+    B, T = segments.shape
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attn = causal[None] & (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    attn |= torch.eye(T, dtype=torch.bool)[None]
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    idx = torch.arange(T).expand(B, T)
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    return attn, idx - first
 
 
-class SFTDataset(Dataset):
-    """Prompt/response pairs rendered with the chat template.
-
-    Item: ``(input_ids, loss_mask)`` lists; the collator shifts them into ``(B, T)`` inputs, targets and a
-    target mask that is 1 on response tokens and the final EOS only.
-    """
-
-    def __init__(self, rows: list[dict], tok, max_len: int) -> None:
-        self.items = [e for r in rows if (e := encode_sft(tok, r["prompt"], r["response"], max_len))]
-        if not self.items:
-            raise ValueError("SFT set is empty after encoding (every row longer than max_len?)")
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
-
-
-def collate_sft(batch) -> dict[str, torch.Tensor]:
-    """``inputs``/``targets``/``loss_mask`` ``(B, T-1)``: targets are inputs shifted left, PAD after the end."""
-    ids = _pad_right([b[0] for b in batch], PAD_ID)
+def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """``inputs``/``targets``/``loss_mask`` ``(B, T-1)``: targets are inputs shifted left; padding (``pad_id``,
+    which may equal EOS) is masked by length, never by id. Packed items also give ``positions`` ``(B, T-1)`` and
+    ``attn_mask`` ``(B, T-1, T-1)`` (see :func:`packed_attention`)."""
+    ids = _pad_right([b[0] for b in batch], pad_id)
     mask = _pad_right([b[1] for b in batch], 0)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask[:, 1:]}
+    out = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask[:, 1:]}
+    if len(batch[0]) == 3:
+        out["attn_mask"], out["positions"] = packed_attention(_pad_right([b[2] for b in batch], 0)[:, :-1])
+    return out
 
 
 class PreferenceDataset(Dataset):
-    """Chosen/rejected pairs, each rendered as a full chat: item ``(chosen_ids, rejected_ids, chosen_loss_mask,
-    rejected_loss_mask)``, the masks 1 on response tokens (and EOS)."""
+    """Chosen/rejected pairs ``{"prompt": [messages], "chosen": str, "rejected": str}``, each rendered as a whole
+    chat: item ``(chosen_ids, rejected_ids, chosen_loss_mask, rejected_loss_mask)``, the masks 1 on the final
+    response tokens and EOS. Both sides keep the same (possibly left-truncated) prompt. ``stats`` as in
+    :class:`SFTDataset`.
 
-    def __init__(self, rows: list[dict], tok, max_len: int) -> None:
-        self.items = []
+    Raises:
+        ValueError: ``long_prompt`` is not a policy, or every pair was dropped (with the counts).
+    """
+
+    def __init__(self, rows: list[dict], tok, max_len: int, long_prompt: str = "truncate_left") -> None:
+        if long_prompt not in LONG_PROMPT_POLICIES:
+            raise ValueError(f"long_prompt={long_prompt!r}: expected one of {list(LONG_PROMPT_POLICIES)}")
+        self.stats, self.items = EncodeStats(read=len(rows)), []
         for r in rows:
-            c = encode_sft(tok, r["prompt"], r["chosen"], max_len)
-            j = encode_sft(tok, r["prompt"], r["rejected"], max_len)
-            if c and j:
-                self.items.append((c[0], j[0], c[1], j[1]))
-        if not self.items:
-            raise ValueError("preference set is empty after encoding")
+            prompt = tok.encode_prompt(r["prompt"])
+            resps = [tok.encode(r[k]) + [tok.eos_id] for k in ("chosen", "rejected")]
+            fit = fit_length(prompt, [0] * len(prompt), resps, max_len, long_prompt)
+            if fit is None:
+                self.stats.dropped["too_long"] += 1
+                continue
+            ctx, ctx_mask, (c, j), truncated = fit
+            self.stats.truncated += truncated
+            self.items.append((ctx + c, ctx + j, ctx_mask + [1] * len(c), ctx_mask + [1] * len(j)))
+        self.stats.kept = len(self.items)
+        self.stats.tokens = sum(len(i[0]) + len(i[1]) for i in self.items)
+        self.stats.require_rows("preference set")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -119,11 +230,11 @@ class PreferenceDataset(Dataset):
         return self.items[i]
 
 
-def collate_pairs(batch) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded, all ``(2B, T)``: ``tokens``, ``mask`` (1 on real tokens) and
-    ``loss_mask`` (1 on response tokens)."""
+def collate_pairs(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded with ``pad_id``, all ``(2B, T)``: ``tokens``, ``mask`` (1 on
+    real tokens) and ``loss_mask`` (1 on response tokens)."""
     seqs = [b[0] for b in batch] + [b[1] for b in batch]
-    return {"tokens": _pad_right(seqs, PAD_ID), "mask": _pad_right([[1] * len(s) for s in seqs], 0),
+    return {"tokens": _pad_right(seqs, pad_id), "mask": _pad_right([[1] * len(s) for s in seqs], 0),
             "loss_mask": _pad_right([b[2] for b in batch] + [b[3] for b in batch], 0)}
 
 
@@ -133,7 +244,7 @@ class PromptDataset(Dataset):
     def __init__(self, rows: list[dict], tok, max_prompt_len: int) -> None:
         self.items = []
         for r in rows:
-            ids = encode_prompt(tok, r["prompt"])
+            ids = tok.encode_prompt(r["prompt"])
             if len(ids) <= max_prompt_len:
                 self.items.append({"prompt_ids": ids, "answer": r.get("answer", ""), "task": r.get("task", ""),
                                    "prompt": r["prompt"]})

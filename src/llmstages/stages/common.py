@@ -53,6 +53,17 @@ def optim_kwargs(cfg: DictConfig) -> dict:
                 max_steps=cfg.trainer.max_steps, min_lr_ratio=o.min_lr_ratio)
 
 
+def log_encoding(stage: str, **sets) -> None:
+    """Log one line per encoded set: rows read, kept, truncated, dropped per reason, tokens."""
+    for name, stats in sets.items():
+        log.info("%s %s set: %s", stage, name, ", ".join(f"{k} {v}" for k, v in stats.summary().items()))
+
+
+def encoding_metrics(**sets) -> dict[str, int]:
+    """``{"<set>_<count>": n}`` for each set's :meth:`~llmstages.data.datasets.EncodeStats.summary`."""
+    return {f"{name}_{k}": v for name, stats in sets.items() for k, v in stats.summary().items()}
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``"auto"``: ``bf16-mixed`` where bf16 matrix units exist (CUDA with bf16, CPUs with AMX or AVX-512 BF16),
     else ``32-true``. Any other value is passed to Lightning unchanged."""

@@ -22,12 +22,13 @@ class GRPOModule(L.LightningModule):
     """One training step = one GRPO iteration over ``len(batch)`` prompts x ``group_size`` samples."""
 
     def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, grpo: dict, grad_clip: float,
-                 reward_modules: tuple[torch.nn.Module, ...] = ()) -> None:
+                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int) -> None:
         super().__init__()
         self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
         self.reward_modules = torch.nn.ModuleList(reward_modules)  # used by reward_fn; moved to the device
         freeze(reference, *reward_modules)
         self.optim, self.c, self.grad_clip = optim, grpo, grad_clip
+        self.eos_id, self.pad_id = eos_id, pad_id  # generation stops at EOS; finished rows are filled with PAD
         self.timer = PhaseTimer()
         self.automatic_optimization = False
 
@@ -38,7 +39,7 @@ class GRPOModule(L.LightningModule):
         prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
         answers = [b["answer"] for b in batch for _ in range(G)]
         with self.timer("generation"):
-            r = sample(self.policy, prompts, c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"])
+            r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"], c["top_k"], c["top_p"])
         with self.timer("scoring"):
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)

@@ -19,6 +19,7 @@ from ..checkpoint import save_output
 from ..data.datasets import TokenWindows
 from ..losses import next_token_loss
 from ..model import GPT, GPTConfig, param_groups
+from ..tokenizer import load_tokenizer
 from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
 
 
@@ -84,10 +85,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.seq_len > model_kwargs["max_seq_len"]:
         raise ValueError(f"seq_len={cfg.seq_len} > model.max_seq_len={model_kwargs['max_seq_len']}")
     model_cfg = GPTConfig(**model_kwargs)
+    tok = load_tokenizer(data_dir)  # before training: a missing or broken tokenizer fails fast
     t = cfg.trainer
     n_train = t.max_steps * cfg.batch_size * t.accumulate_grad_batches
-    train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed)
-    val = TokenWindows(data_dir / "val.bin", cfg.seq_len, t.limit_val_batches * cfg.batch_size, seed=t.seed + 1)
+    dtype = meta.get("dtype", "uint16")
+    train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed, dtype=dtype)
+    val = TokenWindows(data_dir / "val.bin", cfg.seq_len, t.limit_val_batches * cfg.batch_size, seed=t.seed + 1,
+                       dtype=dtype)
     bytes_per_token = meta["val_bytes"] / max(1, meta["val_tokens"])
     stage = Stage("pretrain", cfg, out_dir, inputs=[data_dir])
     module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len)
@@ -106,5 +110,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "resumed_from_step": resumed,
         "params": module.model.num_params(non_embedding=False),
     }
-    save_output(out_dir, module.model, data_dir / "tokenizer.json", stage.meta(metrics=metrics))
+    save_output(out_dir, module.model, tok, stage.meta(metrics=metrics))
     return stage.finish(metrics)

@@ -6,6 +6,7 @@ Logs pairwise accuracy (chosen scored above rejected) on held-out pairs.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,11 +15,12 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PreferenceDataset, collate_pairs, read_jsonl, PREFERENCE_FIELDS
+from ..data.datasets import PreferenceDataset, collate_pairs
+from ..data.formats import read_canonical
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
-from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+from .common import Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
 
 
 class RewardModule(L.LightningModule):
@@ -59,18 +61,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
-    tok = load_tokenizer(init / "tokenizer.json")
-    train = PreferenceDataset(read_jsonl(data_dir / "pref_train.jsonl", PREFERENCE_FIELDS), tok, cfg.max_len)
-    val = PreferenceDataset(read_jsonl(data_dir / "pref_val.jsonl", PREFERENCE_FIELDS), tok, cfg.max_len)
+    tok = load_tokenizer(init)
+    train, val = (PreferenceDataset(read_canonical(data_dir / f"pref_{s}.jsonl", "preference"), tok, cfg.max_len,
+                                    cfg.long_prompt) for s in ("train", "val"))
+    log_encoding("reward", train=train.stats, val=val.stats)
     stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
     module = RewardModule(model, optim_kwargs(cfg))
-    dl = dict(batch_size=cfg.batch_size, collate_fn=collate_pairs, num_workers=cfg.num_workers)
+    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id), num_workers=cfg.num_workers)
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
-               "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed}
-    save_output(out_dir, module.model, init / "tokenizer.json", stage.meta(metrics=metrics), head=module.head)
+               "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
+               **encoding_metrics(train=train.stats, val=val.stats)}
+    save_output(out_dir, module.model, tok, stage.meta(metrics=metrics), head=module.head)
     return stage.finish(metrics)

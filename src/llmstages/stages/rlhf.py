@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,14 +20,14 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import (PREFERENCE_FIELDS, PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs,
-                             collate_prompts, read_jsonl)
+from ..data.datasets import PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs, collate_prompts, read_jsonl
+from ..data.formats import read_canonical
 from ..evaluation import answer_metrics, eval_subset, generate_answers, reward_scores
 from ..losses import kl_estimate
 from ..model import GPT, ScalarHead
 from ..rollout import response_logprobs, sample, sequence_reward_fn
-from ..tokenizer import encode_prompt, load_tokenizer
-from .common import Stage, optim_kwargs, seed_everything
+from ..tokenizer import load_tokenizer
+from .common import Stage, log_encoding, optim_kwargs, seed_everything
 from .dpo import DPOModule
 from .grpo import GRPOModule
 from .ppo import PPOModule
@@ -38,7 +39,7 @@ log = logging.getLogger("llmstages")
 def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int) -> float:
     """Mean KL(policy || reference) per response, in nats: the k3 estimate (unbiased, never negative) summed over
     the tokens of one response sampled from ``policy`` (temperature 1) per prompt, averaged over prompts."""
-    r = sample(policy, [encode_prompt(tok, p) for p in prompts], max_new_tokens)
+    r = sample(policy, [tok.encode_prompt(p) for p in prompts], max_new_tokens, tok.eos_id, tok.pad_id)
     logp, _ = response_logprobs(policy, r)
     ref_logp, _ = response_logprobs(reference, r)
     return float((kl_estimate(logp, ref_logp, "k3") * r.mask).sum(1).mean())
@@ -58,9 +59,11 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
     if algo == "dpo":
         c = dict(cfg.dpo)
-        train, val = (PreferenceDataset(read_jsonl(data_dir / f"pref_{s}.jsonl", PREFERENCE_FIELDS), tok, c["max_len"])
-                      for s in ("train", "val"))
-        kw = dict(batch_size=c["batch_size"], collate_fn=collate_pairs, num_workers=cfg.num_workers)
+        train, val = (PreferenceDataset(read_canonical(data_dir / f"pref_{s}.jsonl", "preference"), tok, c["max_len"],
+                                        c["long_prompt"]) for s in ("train", "val"))
+        log_encoding("dpo", train=train.stats, val=val.stats)
+        kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
+                  num_workers=cfg.num_workers)
         return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, shuffle=True, drop_last=True, **kw),
                 DataLoader(val, **kw))
     c = dict(cfg[algo])
@@ -77,7 +80,8 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
         critic = dict(critic=copy.deepcopy(reward_model).requires_grad_(True).train(),
                       critic_head=copy.deepcopy(reward_head).requires_grad_(True).train())
-    return module_cls(policy, reference, reward_fn, optim, c, clip, frozen, **critic), loader, None
+    return (module_cls(policy, reference, reward_fn, optim, c, clip, frozen, eos_id=tok.eos_id, pad_id=tok.pad_id, **critic),
+            loader, None)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -87,7 +91,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     policy, _, _ = load_output(sft_dir)
     reference, _, _ = load_output(sft_dir)
     reward_model, reward_head, _ = load_output(rm_dir, with_head=True)
-    tok = load_tokenizer(sft_dir / "tokenizer.json")
+    tok = load_tokenizer(sft_dir)
     module, train_dl, val_dl = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     max_new = cfg.eval_max_new_tokens
@@ -118,5 +122,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         lines.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in cells) + " |")
     samples.write_text("\n".join(lines) + "\n")
     head = module.value_head if isinstance(module, PPOModule) and module.critic is None else None  # on the policy
-    save_output(out_dir, policy, sft_dir / "tokenizer.json", stage.meta(metrics=metrics), head=head)
+    save_output(out_dir, policy, tok, stage.meta(metrics=metrics), head=head)
     return stage.finish(metrics, artifacts=[samples])

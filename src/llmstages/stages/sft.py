@@ -1,11 +1,13 @@
-"""Supervised fine-tuning: chat-template prompt/response pairs, next-token loss on response tokens only.
+"""Supervised fine-tuning: chat-template conversations, next-token loss on assistant turns only.
 
-The response's final EOS is appended and supervised, so the model learns to stop. Held-out exact match is
+Each assistant turn's EOS is supervised, so the model learns to stop. With ``packing``, several examples share
+one sequence, each with its own loss mask, positions and attention (no attention across examples). Held-out exact match is
 measured by greedy generation, for the starting (pretrained) model and for the result.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -13,12 +15,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import SFTDataset, collate_sft, read_jsonl, SFT_FIELDS, PROMPT_FIELDS
+from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_sft, read_jsonl
+from ..data.formats import read_canonical
 from ..evaluation import answer_metrics, eval_subset, generate_answers
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+from .common import Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
 
 
 class SFTModule(L.LightningModule):
@@ -29,7 +32,7 @@ class SFTModule(L.LightningModule):
         self.model, self.optim = model, optim
 
     def _loss(self, batch):
-        logits = self.model(batch["inputs"])  # (B, T, V)
+        logits = self.model(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
         return next_token_loss(logits, batch["targets"], batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
@@ -54,15 +57,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
-    tok = load_tokenizer(init / "tokenizer.json")
-    train = SFTDataset(read_jsonl(data_dir / "sft_train.jsonl", SFT_FIELDS), tok, cfg.max_len)
-    val = SFTDataset(read_jsonl(data_dir / "sft_val.jsonl", SFT_FIELDS), tok, cfg.max_len)
+    tok = load_tokenizer(init)
+    train, val = (SFTDataset(read_canonical(data_dir / f"sft_{s}.jsonl", "sft"), tok, cfg.max_len, cfg.long_prompt,
+                             cfg.packing) for s in ("train", "val"))
+    log_encoding("sft", train=train.stats, val=val.stats)
     eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
     module = SFTModule(model, optim_kwargs(cfg))
-    dl = dict(batch_size=cfg.batch_size, collate_fn=collate_sft, num_workers=cfg.num_workers)
+    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id), num_workers=cfg.num_workers)
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
@@ -70,8 +74,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens)
     metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
                "val_loss": val_loss,
-               "train_examples": len(train), "resumed_from_step": resumed}
+               "train_examples": train.stats.kept, "train_sequences": len(train), "resumed_from_step": resumed,
+               **encoding_metrics(train=train.stats, val=val.stats)}
     for lg in stage.loggers:
         lg.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=module.global_step)
-    save_output(out_dir, module.model, init / "tokenizer.json", stage.meta(metrics=metrics))
+    save_output(out_dir, module.model, tok, stage.meta(metrics=metrics))
     return stage.finish(metrics)
