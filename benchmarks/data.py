@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmstages.data.corpus import corpus_bytes, iter_corpus, token_dtype, write_token_files
+from llmstages.tokenizer import ChatTokenizer, train_tokenizer
 
 GB = 10**9
 MB = 10**6
@@ -202,17 +202,10 @@ class RssSampler:
         return self.peak / MB if self.proc else None
 
 
-def train_sample_tokenizer(corpus: Path, fmt: str, vocab_size: int, sample_mb: float) -> Tokenizer:
-    """Byte-level BPE like the project's (individual digits + GPT-2 regex) on the first ``sample_mb`` MB."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                  special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+def train_sample_tokenizer(corpus: Path, fmt: str, vocab_size: int, sample_mb: float) -> ChatTokenizer:
+    """The data stage's byte-level BPE (llmstages.tokenizer.train_tokenizer) on the first ``sample_mb`` MB."""
 
-    def sample():  # pieces (rows, or ~1 MB parts of text files) until sample_mb
+    def sample():  # pieces (rows, or parts of text files) until sample_mb
         n = 0
         for p in iter_corpus([str(corpus)], fmt):
             yield p.text
@@ -220,9 +213,7 @@ def train_sample_tokenizer(corpus: Path, fmt: str, vocab_size: int, sample_mb: f
             if n >= sample_mb * MB:
                 return
 
-    tok.train_from_iterator(sample(), trainer=trainer)
-    tok.encode_special_tokens = True  # "<|eos|>" inside a document is text, as in llmstages.tokenizer
-    return tok
+    return train_tokenizer(sample(), vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,20 +253,20 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         tok = train_sample_tokenizer(corpus, args.format, args.vocab_size, args.sample_mb)
-        print(f"tokenizer: vocab {tok.get_vocab_size()} trained on ~{args.sample_mb:g} MB in "
+        print(f"tokenizer: vocab {tok.vocab_size} trained on ~{args.sample_mb:g} MB in "
               f"{time.perf_counter() - t0:.1f} s; peak RSS so far {peak_rss_mb():.0f} MB")
 
         pieces = iter_corpus([str(corpus)], args.format)
         with RssSampler() as sampler:
-            stats = write_token_files(pieces, tok, tok.token_to_id("<|eos|>"), work / "train.bin", work / "val.bin",
-                                      seed=args.seed, val_fraction=0.05, vocab_size=tok.get_vocab_size(),
+            stats = write_token_files(pieces, tok.tok, tok.eos_id, work / "train.bin", work / "val.bin",
+                                      seed=args.seed, val_fraction=0.05, vocab_size=tok.vocab_size,
                                       chunk_bytes=int(args.chunk_mb * MB), progress=not args.no_progress,
                                       total_bytes=corpus_bytes([str(corpus)], args.format))
         s = stats.seconds
         text_bytes = stats.train.bytes + stats.val.bytes
         tokens = stats.train.tokens + stats.val.tokens
         on_disk = (work / "train.bin").stat().st_size + (work / "val.bin").stat().st_size
-        assert on_disk == tokens * token_dtype(tok.get_vocab_size()).itemsize
+        assert on_disk == tokens * token_dtype(tok.vocab_size).itemsize
         peak = peak_rss_mb()
         print("--- tokenize (iter_corpus + write_token_files) ---")
         print(f"corpus:    {size / GB:.3f} GB on disk, {text_bytes / GB:.3f} GB of text, "

@@ -240,8 +240,8 @@ def test_bad_corpus_and_args(corpus, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.txt"):
         build_data(tmp_path / "o", corpus=[str(corpus / "*.txt"), str(tmp_path / "latin1.txt")], **KW)
-    with pytest.raises(ValueError, match="65535"):
-        build_data(tmp_path / "o", corpus=[str(corpus / "*.txt")], **{**KW, "vocab_size": 70000})
+    with pytest.raises(ValueError, match="1048576"):
+        build_data(tmp_path / "o", corpus=[str(corpus / "*.txt")], **{**KW, "vocab_size": 2_000_000})
     with pytest.raises(ValueError, match="at least 2|train"):
         build_data(tmp_path / "o", corpus=[str(corpus / "a.txt")], **KW)
     assert not (tmp_path / "o").exists()

@@ -1,5 +1,4 @@
-"""Data stage: corpus selection, tokenizer training, token files and verifiable task sets."""
-
-from llmstages.data.build import build_data
-
-__all__ = ["build_data"]
+"""The data layer: corpus readers and token files (``corpus``), user SFT/preference formats (``formats``),
+JSONL reading with file:line errors (``jsonio``), the data stage's build (``build``) and the datasets and
+collators the training stages use (``datasets``). Nothing is imported here, so reading a format pulls in
+neither torch nor the trackers."""

@@ -280,7 +280,7 @@ def build_data(
         max_corpus_mb: cap on corpus UTF-8 size in MB (10**6 bytes), by whole documents (>= 1); None = no cap.
         tokenizer: ``{"path", "bos_token", "eos_token", "pad_token"}`` of a local Hugging Face tokenizer to use
             as is (see :func:`llmstages.tokenizer.load_tokenizer`); None or no path -> train byte-level BPE.
-        vocab_size: vocabulary size of the trained tokenizer (262..65535).
+        vocab_size: vocabulary size of the trained tokenizer (262..2**20; token files are uint32 above 65536).
         tokenizer_sample_mb: MB of training documents (in corpus order) the tokenizer is trained on.
         val_fraction: fraction of documents held out for validation (document 0 always is).
         seed: seeds every random choice (document split, question split, rejected answers).
@@ -300,8 +300,8 @@ def build_data(
         FileNotFoundError: a corpus pattern matching nothing, a missing user file or tokenizer.
         NotADirectoryError: ``out_dir`` exists and is not a directory.
     """
-    if not (tokenizer or {}).get("path") and not 262 <= vocab_size <= 65535:
-        raise ValueError(f"vocab_size={vocab_size} must be in 262..65535")
+    if not (tokenizer or {}).get("path") and not 262 <= vocab_size <= 1 << 20:
+        raise ValueError(f"vocab_size={vocab_size} must be in 262..{1 << 20}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     if not 0 <= heldout_fraction < 1:
