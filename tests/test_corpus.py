@@ -176,7 +176,7 @@ def test_multibyte_characters_across_blocks(tmp_path):
 def test_text_not_utf8_names_file_and_line(tmp_path):
     path = write(tmp_path / "bad.txt", "line one\nline two é\nline \xff three\n".encode("latin-1"))
     for piece_bytes in (3, 1 << 20):
-        with pytest.raises(ValueError, match=rf"bad\.txt:2: not valid UTF-8"):
+        with pytest.raises(ValueError, match=r"bad\.txt:2: not valid UTF-8"):
             list(iter_corpus([str(path)], piece_bytes=piece_bytes))
     path = write(tmp_path / "cut.txt", b"ok\n\xe4\xb8")  # a truncated character at the end of the file
     with pytest.raises(ValueError, match=r"cut\.txt:2: not valid UTF-8"):
