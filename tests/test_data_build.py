@@ -185,7 +185,8 @@ def test_user_sets_in_other_formats(corpus, tmp_path):
                                                            "system_prompt": "Be exact."},
                    preference={"path": str(tmp_path / "pref.jsonl"), "format": "implicit"}, **KW)
     rows = jsonl(out / "sft_train.jsonl") + jsonl(out / "sft_val.jsonl")
-    assert {"messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Add 0 and 1.\n\ntwice"},
+    assert {"messages": [{"role": "system", "content": "Be exact."},
+                         {"role": "user", "content": "Add 0 and 1.\n\ntwice"},
                          {"role": "assistant", "content": "1"}], "task": "user"} in rows
     assert (m["sft_rows_read"], m["sft_rows_kept"], m["sft_rows_dropped_empty_response"]) == (7, 6, 1)
     prefs = jsonl(out / "pref_train.jsonl") + jsonl(out / "pref_val.jsonl")

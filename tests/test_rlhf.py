@@ -78,7 +78,8 @@ def pair_loader(batch_size: int) -> DataLoader:
         chosen, rejected = p + [TARGET] * 3 + [EOS_ID], p + other + [EOS_ID]
         mask = [0] * len(p) + [1] * 4
         items.append((chosen, rejected, mask, mask))
-    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True, collate_fn=partial(collate_pairs, pad_id=PAD_ID))
+    return DataLoader(items, batch_size=batch_size, shuffle=True, drop_last=True,
+                      collate_fn=partial(collate_pairs, pad_id=PAD_ID))
 
 
 def make(algorithm: str, lr: float, steps: int):

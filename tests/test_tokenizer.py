@@ -131,7 +131,8 @@ def test_brought_tokenizer_gets_role_tokens_and_pad_is_eos(tmp_path):
     final = load_tokenizer(tmp_path / "stage2")
     for t in (again, final):
         assert (t.bos_id, t.eos_id, t.pad_id, t.role_ids, t.vocab_size) == (eot, eot, eot, tok.role_ids, base + 3)
-        assert t.encode_chat([{"role": "user", "content": "hi"}]) == tok.encode_chat([{"role": "user", "content": "hi"}])
+        hi = [{"role": "user", "content": "hi"}]
+        assert t.encode_chat(hi) == tok.encode_chat(hi)
     assert (tmp_path / "stage1" / "tokenizer.json").read_text() == (tmp_path / "stage2" / "tokenizer.json").read_text()
     assert json.loads((tmp_path / "stage2" / "tokenizer_config.json").read_text())["chat_template"] == tok.chat_template
 

@@ -87,7 +87,8 @@ def test_sft_packing_trains_and_counts(work):
     rows = [{"messages": conv(f"Hi {i}", "Hello", "2 + 2?", "4")} for i in range(20)]
     data_dir, _ = data_stage("sft-pack", [f"data.sft.path={write_jsonl(work / 's.jsonl', rows)}"], work / "corpus")
     plain = run_stage("sft", compose("sft", [*SFT, f"data_dir={data_dir}"]), "outputs/sft-plain", "test")
-    packed = run_stage("sft", compose("sft", [*SFT, f"data_dir={data_dir}", "packing=true"]), "outputs/sft-pack", "test")
+    packed = run_stage("sft", compose("sft", [*SFT, f"data_dir={data_dir}", "packing=true"]), "outputs/sft-pack",
+                       "test")
     assert packed["train_examples"] == plain["train_examples"] == plain["train_sequences"]
     n = len(load_tokenizer("outputs/sft").encode_chat(rows[0]["messages"])[0])  # every example has n tokens
     assert packed["train_sequences"] == -(-plain["train_examples"] // (64 // n))

@@ -399,8 +399,8 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
         **{f"n_{name}": len(tasks[name]) for name in sorted(tasks)}, **user_counts,
     }
     meta = {
-        "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-        "bos_id": tok.bos_id, "tokenizer": tokenizer.get("path") or "trained",
+        "vocab_size": tok.vocab_size, "dtype": token_dtype(tok.vocab_size).name,
+        "eos_id": tok.eos_id, "pad_id": tok.pad_id, "bos_id": tok.bos_id, "tokenizer": tokenizer.get("path") or "trained",
         "train_tokens": st.train.tokens, "val_tokens": st.val.tokens,
         "train_bytes": st.train.bytes, "val_bytes": st.val.bytes, "unigram_entropy_nats": entropy,
         "n_train_docs": st.train.docs, "n_val_docs": st.val.docs,

@@ -39,7 +39,8 @@ class GRPOModule(L.LightningModule):
         prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
         answers = [b["answer"] for b in batch for _ in range(G)]
         with self.timer("generation"):
-            r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"], c["top_k"], c["top_p"])
+            r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"],
+                       c["top_k"], c["top_p"])
         with self.timer("scoring"):
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)

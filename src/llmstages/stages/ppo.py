@@ -28,8 +28,8 @@ class PPOModule(L.LightningModule):
     ``ppo_epochs * len(batch) / minibatch_size`` optimizer steps."""
 
     def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, ppo: dict, grad_clip: float,
-                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int, critic: GPT | None = None,
-                 critic_head: ScalarHead | None = None) -> None:
+                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int,
+                 critic: GPT | None = None, critic_head: ScalarHead | None = None) -> None:
         super().__init__()
         # Value model: a separate critic (e.g. initialised from the reward model, as in Ouyang et al. 2022), or,
         # when ``critic`` is None, a scalar head on the policy's own hidden states.
@@ -56,8 +56,8 @@ class PPOModule(L.LightningModule):
         """Sample, score and compute per-token rewards, advantages and returns ``(B, N)``."""
         c = self.c
         with self.timer("generation"):
-            r = sample(self.policy, [b["prompt_ids"] for b in batch], c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"],
-                       c["top_k"], c["top_p"])
+            r = sample(self.policy, [b["prompt_ids"] for b in batch], c["max_new_tokens"], self.eos_id, self.pad_id,
+                       c["temperature"], c["top_k"], c["top_p"])
         with self.timer("scoring"):
             logp, logits, values = self.logprobs_and_values(r)
             ref_logp, _ = response_logprobs(self.reference, r)

@@ -67,7 +67,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log_encoding("reward", train=train.stats, val=val.stats)
     stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
     module = RewardModule(model, optim_kwargs(cfg))
-    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id), num_workers=cfg.num_workers)
+    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
+              num_workers=cfg.num_workers)
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)

@@ -80,8 +80,9 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
         critic = dict(critic=copy.deepcopy(reward_model).requires_grad_(True).train(),
                       critic_head=copy.deepcopy(reward_head).requires_grad_(True).train())
-    return (module_cls(policy, reference, reward_fn, optim, c, clip, frozen, eos_id=tok.eos_id, pad_id=tok.pad_id, **critic),
-            loader, None)
+    module = module_cls(policy, reference, reward_fn, optim, c, clip, frozen, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        **critic)
+    return module, loader, None
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: chat-template conversations, next-token loss on assistant turns only.
 
 Each assistant turn's EOS is supervised, so the model learns to stop. With ``packing``, several examples share
-one sequence, each with its own loss mask, positions and attention (no attention across examples). Held-out exact match is
-measured by greedy generation, for the starting (pretrained) model and for the result.
+one sequence, each with its own loss mask, positions and attention (no attention across examples). Held-out
+exact match is measured by greedy generation, for the starting (pretrained) model and for the result.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
     module = SFTModule(model, optim_kwargs(cfg))
-    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id), num_workers=cfg.num_workers)
+    dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id),
+              num_workers=cfg.num_workers)
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
