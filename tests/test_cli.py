@@ -51,6 +51,24 @@ def test_stage_prefix_is_optional_in_overrides():
     assert strip_stage_prefix("rlhf", "+rlhf.x=1") == "+x=1" and strip_stage_prefix("rlhf", "~rlhf.x") == "~x"
     assert strip_stage_prefix("rlhf", "algorithm=dpo") == "algorithm=dpo"
     assert strip_stage_prefix("sft", "rlhf.algorithm=dpo") == "rlhf.algorithm=dpo"  # another stage's key: untouched
+    # the data stage has a section named `data`: `data.corpus` is that section's key, `data.data.corpus` the same
+    assert strip_stage_prefix("data", "data.corpus=[a]") == "data.corpus=[a]"
+    assert strip_stage_prefix("data", "data.data.corpus=[a]") == "data.corpus=[a]"
+    assert strip_stage_prefix("data", "data.vocab_size=300") == "vocab_size=300"
+    assert strip_stage_prefix("data", "data.sft.columns={prompt: q}") == "data.sft.columns={prompt: q}"
+
+
+def test_data_stage_own_data_from_the_command_line(tmp_path):
+    """The README's form: `llmstages data data.corpus=... data.sft.path=...`, through the real CLI."""
+    (tmp_path / "docs").mkdir()
+    for i in range(6):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"Document {i} about foxes and dogs. " * 20)
+    rows = [{"question": f"Say {i}.", "answer": str(i)} for i in range(8)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run(["data", "data.corpus=[docs/]", "data.sft.path=qa.jsonl", "data.sft.columns={prompt: question, "
+         "completion: answer}", "vocab_size=300", "data.arithmetic_max=3", "out_dir=out", "logger=none"], tmp_path)
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (m["corpus_docs"], m["sft_rows_kept"]) == (6, 8) and m["vocab_size"] <= 300
 
 
 def test_unknown_rlhf_algorithm_is_a_one_line_error(tmp_path):

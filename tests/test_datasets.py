@@ -115,7 +115,8 @@ def test_long_prompt_policy_counts(tok):
     dropped = SFTDataset(rows, tok, max_len=16, long_prompt="drop")
     assert dropped.stats.summary() == {"rows_read": 3, "rows_kept": 1, "rows_truncated": 0, "rows_dropped_too_long": 2,
                                        "tokens": len(dropped[0][0])}
-    with pytest.raises(ValueError, match=r"SFT set: all 2 rows were dropped \(too_long: 2\)"):
+    with pytest.raises(ValueError, match=r"SFT set \(max_len=16, long_prompt=drop\): all 2 rows were dropped "
+                                         r"\(too_long: 2\)"):
         SFTDataset([rows[0], rows[2]], tok, max_len=16, long_prompt="drop")
     with pytest.raises(ValueError, match="long_prompt='left'"):
         SFTDataset(rows, tok, max_len=16, long_prompt="left")
@@ -170,7 +171,7 @@ def test_preference_batch_chosen_then_rejected(tok):
     c, j = cut[0][0], cut[0][1]
     assert len(j) == 20 and c[:-2] == j[:-len(tok.encode("5 5 5")) - 1]  # the same prompt cut on both sides
     assert cut.stats.truncated == 1 and cut.stats.kept == 2
-    with pytest.raises(ValueError, match=r"preference set: all 1 rows were dropped \(too_long: 1\)"):
+    with pytest.raises(ValueError, match=r"preference set \(max_len=20, long_prompt=drop\): all 1 rows were dropped"):
         PreferenceDataset([long], tok, max_len=20, long_prompt="drop")
 
 

@@ -219,7 +219,7 @@ def test_every_row_too_long_exits_before_training(work):
     rows = [{"prompt": "word " * 80 + str(i), "response": "x"} for i in range(6)]
     data_dir, _ = data_stage("long", [f"data.sft.path={write_jsonl(work / 'long.jsonl', rows)}"], work / "corpus")
     assert_exit("sft", [*SFT, f"data_dir={data_dir}", "long_prompt=drop"], "outputs/sft-long",
-                r"all \d+ rows were dropped \(too_long: \d+\)")
+                r"sft_train\.jsonl \(max_len=64, long_prompt=drop\): all \d+ rows were dropped \(too_long: \d+\)")
     import os
     assert not os.path.exists("outputs/sft-long")
     m = run_stage("sft", compose("sft", [*SFT, f"data_dir={data_dir}"]), "outputs/sft-long", "test")

@@ -119,10 +119,23 @@ def _params_mode(stage: str, argv: list[str]) -> int:
 
 def strip_stage_prefix(stage: str, arg: str) -> str:
     """``rlhf.algorithm=dpo`` -> ``algorithm=dpo`` for ``llmstages rlhf``: keys may be written as in params.yaml
-    (with the stage's section) or as in the stage's own config (without); ``+``/``++``/``~`` prefixes are kept."""
+    (with the stage's section) or as in the stage's own config (without); ``+``/``++``/``~`` prefixes are kept.
+
+    The data stage has a section named ``data`` of its own, so there ``data.corpus=...`` is kept as written and
+    only a prefix followed by a top-level key is dropped (``data.data.corpus``, ``data.vocab_size``)."""
+    from dataclasses import fields
+
+    from .config import SCHEMAS
+
     sign = arg[: len(arg) - len(arg.lstrip("+~"))]
     rest = arg[len(sign):]
-    return sign + rest[len(stage) + 1:] if rest.startswith(f"{stage}.") else arg
+    if not rest.startswith(f"{stage}."):
+        return arg
+    inner = rest[len(stage) + 1:]
+    top = {f.name for f in fields(SCHEMAS[stage])} if stage in SCHEMAS else set()
+    if stage in top and inner.split("=")[0].split(".")[0] not in top:
+        return arg
+    return sign + inner
 
 
 def _hydra_mode(stage: str, argv: list[str]) -> int:

@@ -119,7 +119,7 @@ class SFTDataset(Dataset):
     """
 
     def __init__(self, rows: list[dict], tok, max_len: int, long_prompt: str = "truncate_left",
-                 packing: bool = False) -> None:
+                 packing: bool = False, source: str = "SFT set") -> None:
         if long_prompt not in LONG_PROMPT_POLICIES:
             raise ValueError(f"long_prompt={long_prompt!r}: expected one of {list(LONG_PROMPT_POLICIES)}")
         self.stats, items = EncodeStats(read=len(rows)), []
@@ -134,7 +134,7 @@ class SFTDataset(Dataset):
             self.stats.truncated += truncated
             items.append((ctx + resp, ctx_mask + [1] * len(resp)))
         self.stats.kept, self.stats.tokens = len(items), sum(len(i[0]) for i in items)
-        self.stats.require_rows("SFT set")
+        self.stats.require_rows(f"{source} (max_len={max_len}, long_prompt={long_prompt})")
         self.items = pack(items, max_len) if packing else items
 
     def __len__(self) -> int:
@@ -205,7 +205,8 @@ class PreferenceDataset(Dataset):
         ValueError: ``long_prompt`` is not a policy, or every pair was dropped (with the counts).
     """
 
-    def __init__(self, rows: list[dict], tok, max_len: int, long_prompt: str = "truncate_left") -> None:
+    def __init__(self, rows: list[dict], tok, max_len: int, long_prompt: str = "truncate_left",
+                 source: str = "preference set") -> None:
         if long_prompt not in LONG_PROMPT_POLICIES:
             raise ValueError(f"long_prompt={long_prompt!r}: expected one of {list(LONG_PROMPT_POLICIES)}")
         self.stats, self.items = EncodeStats(read=len(rows)), []
@@ -221,7 +222,7 @@ class PreferenceDataset(Dataset):
             self.items.append((ctx + c, ctx + j, ctx_mask + [1] * len(c), ctx_mask + [1] * len(j)))
         self.stats.kept = len(self.items)
         self.stats.tokens = sum(len(i[0]) + len(i[1]) for i in self.items)
-        self.stats.require_rows("preference set")
+        self.stats.require_rows(f"{source} (max_len={max_len}, long_prompt={long_prompt})")
 
     def __len__(self) -> int:
         return len(self.items)

@@ -62,8 +62,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
     tok = load_tokenizer(init)
-    train, val = (PreferenceDataset(read_canonical(data_dir / f"pref_{s}.jsonl", "preference"), tok, cfg.max_len,
-                                    cfg.long_prompt) for s in ("train", "val"))
+    train, val = (PreferenceDataset(read_canonical(path, "preference"), tok, cfg.max_len, cfg.long_prompt, str(path))
+                  for path in (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl"))
     log_encoding("reward", train=train.stats, val=val.stats)
     stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
     module = RewardModule(model, optim_kwargs(cfg))

@@ -59,8 +59,9 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
     if algo == "dpo":
         c = dict(cfg.dpo)
-        train, val = (PreferenceDataset(read_canonical(data_dir / f"pref_{s}.jsonl", "preference"), tok, c["max_len"],
-                                        c["long_prompt"]) for s in ("train", "val"))
+        paths = (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl")
+        train, val = (PreferenceDataset(read_canonical(p, "preference"), tok, c["max_len"], c["long_prompt"], str(p))
+                      for p in paths)
         log_encoding("dpo", train=train.stats, val=val.stats)
         kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
                   num_workers=cfg.num_workers)

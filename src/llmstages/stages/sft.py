@@ -58,8 +58,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
     tok = load_tokenizer(init)
-    train, val = (SFTDataset(read_canonical(data_dir / f"sft_{s}.jsonl", "sft"), tok, cfg.max_len, cfg.long_prompt,
-                             cfg.packing) for s in ("train", "val"))
+    train, val = (SFTDataset(read_canonical(path, "sft"), tok, cfg.max_len, cfg.long_prompt, cfg.packing, str(path))
+                  for path in (data_dir / "sft_train.jsonl", data_dir / "sft_val.jsonl"))
     log_encoding("sft", train=train.stats, val=val.stats)
     eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
