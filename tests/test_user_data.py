@@ -215,6 +215,18 @@ def test_non_utf8_corpus_exits(work):
     assert_exit("data", [*DATA, f"data.corpus=[{work / 'corpus'}]"], "outputs/data-bad", r"zz\.txt.*line 2|zz\.txt:2")
 
 
+def test_empty_documents_are_counted_in_the_error(work, tmp_path):
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n")
+    (tmp_path / "blank" / "b.txt").write_text("")
+    assert_exit("data", [*DATA, f"data.corpus=[{tmp_path / 'blank'}]"], "outputs/data-bad",
+                r"need at least 2 documents .*got 0.*documents dropped: empty: 2")
+    from llmstages.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.data\.corpus: is empty .*corpus_format=hf"):
+        run_stage("data", compose("data", [*DATA, "data.corpus_format=hf"]), "outputs/data-bad", "test")
+
+
 def test_every_row_too_long_exits_before_training(work):
     rows = [{"prompt": "word " * 80 + str(i), "response": "x"} for i in range(6)]
     data_dir, _ = data_stage("long", [f"data.sft.path={write_jsonl(work / 'long.jsonl', rows)}"], work / "corpus")

@@ -302,6 +302,9 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         d = cfg.data
         if not 0 < cfg.val_fraction < 1:
             bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
+        if d.corpus_format != "auto" and not d.corpus:
+            bad("data.corpus", f"is empty (the stdlib corpus) but data.corpus_format={d.corpus_format}: give the "
+                               "files, folders or datasets to read")
         if d.corpus_format not in CORPUS_FORMATS:
             bad("data.corpus_format", f"expected one of {', '.join(CORPUS_FORMATS)}, got {d.corpus_format!r}")
         if d.max_corpus_mb is not None and d.max_corpus_mb <= 0:

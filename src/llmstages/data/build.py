@@ -380,8 +380,15 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
     total = corpus_bytes(list(corpus), corpus_format) if corpus else max_bytes
     if total is not None and max_bytes is not None:
         total = min(total, max_bytes)
-    st = write_token_files(pieces(), tok.tok, tok.eos_id, tmp / "train.bin", tmp / "val.bin", seed=seed,
-                           val_fraction=val_fraction, vocab_size=tok.vocab_size, progress=progress, total_bytes=total)
+    try:
+        st = write_token_files(pieces(), tok.tok, tok.eos_id, tmp / "train.bin", tmp / "val.bin", seed=seed,
+                               val_fraction=val_fraction, vocab_size=tok.vocab_size, progress=progress,
+                               total_bytes=total)
+    except ValueError as e:
+        if not dropped:
+            raise
+        counts = ", ".join(f"{k}: {n}" for k, n in sorted(dropped.items()))
+        raise ValueError(f"{e}; documents dropped: {counts}") from e
     counts = st.counts[st.counts > 0]
     p = counts / counts.sum()
     entropy = float(-(p * np.log(p)).sum())
