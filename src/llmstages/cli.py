@@ -31,6 +31,7 @@ stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to prin
 other commands:
   params      compose conf/config.yaml (+ overrides) into params.yaml, as DVC does
   generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
+  compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/loss
 
 Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show.
 Config folder: ./conf, or $LLMSTAGES_CONF.
@@ -240,6 +241,41 @@ def _generate_cmd(argv: list[str]) -> int:
     return 0
 
 
+def _compare_cmd(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmstages compare", description="Compare tracked stage runs: one row per run with the params that "
+        "differ between them and their final metrics; optionally plot metric curves.")
+    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db",
+                        help="MLflow store (default: %(default)s)")
+    parser.add_argument("--stage", choices=STAGES, help="only runs of this stage")
+    parser.add_argument("--experiment", action="append", metavar="NAME",
+                        help="MLflow experiment name (repeatable; default: all)")
+    parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only runs with this tag (repeatable)")
+    status = parser.add_mutually_exclusive_group()
+    status.add_argument("--status", default="FINISHED", type=str.upper,
+                        choices=("FINISHED", "FAILED", "RUNNING", "KILLED", "SCHEDULED"), help="default: FINISHED")
+    status.add_argument("--all-status", action="store_true", help="runs of any status (failed, running, ...)")
+    parser.add_argument("--last", type=int, metavar="N", help="only the N most recent runs (after filtering)")
+    parser.add_argument("--metric", action="append", metavar="NAME",
+                        help="metric column, final value (repeatable; 'all': every final metric; default: per stage, "
+                        "e.g. pretrain val_loss, sft exact_match_arithmetic)")
+    parser.add_argument("--format", choices=("rich", "markdown", "csv"), default="rich")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the table to FILE instead of stdout")
+    parser.add_argument("--plot", action="append", metavar="METRIC", help="plot this metric's history per run "
+                        "(repeatable, e.g. train/loss)")
+    parser.add_argument("--plot-file", default="compare.png", help="PNG for --plot (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from .compare import CompareError, compare
+
+    try:
+        compare(tracking_uri=args.tracking_uri, stage=args.stage, experiments=args.experiment, tags=args.tag,
+                status=None if args.all_status else args.status, last=args.last, metrics=args.metric,
+                fmt=args.format, output=args.output, plots=args.plot, plot_file=args.plot_file)
+    except CompareError as err:
+        sys.exit(f"llmstages compare: {err}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -254,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return _params_cmd(rest)
     if cmd == "generate":
         return _generate_cmd(rest)
+    if cmd == "compare":
+        return _compare_cmd(rest)
     print(f"llmstages: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
