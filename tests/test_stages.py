@@ -110,3 +110,34 @@ def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
     assert "train/loss" in pre.data.metrics and pre.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(by_stage["rlhf"].info.run_id)}
     assert {"metrics.json", "config.yaml", "samples.md"} <= arts
+
+
+def test_lineage_links_each_stage_to_the_run_that_made_its_inputs(tiny_run):
+    """Tags on every stage run: versions, input hashes, output hash, and the upstream run found by content."""
+    from mlflow.tracking import MlflowClient
+
+    from llmstages.tracking import combined_md5, file_md5, tree_md5s
+
+    work, _ = tiny_run
+    client = MlflowClient(f"sqlite:///{work}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.pipeline_run = 'test-pipeline' and attributes.status = 'FINISHED'")
+    by_stage = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):  # the pipeline's own run of each stage comes first
+        by_stage.setdefault(r.data.tags["stage"], r)
+    assert set(by_stage) == {"data", "pretrain", "sft", "reward", "rlhf"}
+    for stage, r in by_stage.items():
+        tags = r.data.tags
+        assert tags["version.torch"] == torch.__version__ and tags["git_commit"]
+        out = work / "outputs" / stage
+        assert tags["output_md5"] == combined_md5(tree_md5s([out]), out)
+        lineage = json.loads(open(client.download_artifacts(r.info.run_id, "lineage.json")).read())
+        assert lineage["output_md5"] == tags["output_md5"] and lineage["tags"]["inputs_md5"] == tags["inputs_md5"]
+    ids = {s: r.info.run_id for s, r in by_stage.items()}
+    up = {s: set(r.data.tags.get("upstream_run_id", "").split(",")) - {""} for s, r in by_stage.items()}
+    assert up == {"data": set(), "pretrain": {ids["data"]}, "sft": {ids["data"], ids["pretrain"]},
+                  "reward": {ids["data"], ids["sft"]}, "rlhf": {ids["data"], ids["sft"], ids["reward"]}}
+    sft_inputs = json.loads(open(client.download_artifacts(ids["sft"], "lineage.json")).read())["inputs"]
+    weights = str(work / "outputs/pretrain/model.safetensors")
+    rel = {k.replace(str(work) + "/", ""): v for k, v in sft_inputs.items()}
+    assert rel["outputs/pretrain/model.safetensors"] == file_md5(weights)

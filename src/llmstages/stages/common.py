@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import write_json
-from ..tracking import git_commit, log_summary, make_loggers, pipeline_run_id
+from ..tracking import combined_md5, git_commit, lineage_tags, log_summary, make_loggers, pipeline_run_id, tree_md5s
 
 log = logging.getLogger("llmstages")
 
@@ -110,6 +111,8 @@ class Stage:
         self.ckpt_dir = Path("outputs/checkpoints") / f"{name}-{config_hash(cfg, *inputs)}"
         run_name = f"{name}-{self.pipeline_run}"
         lc = cfg.logger
+        lineage, self.lineage = lineage_tags(inputs, lc.mlflow_tracking_uri if "mlflow" in lc.backends else None)
+        self.tags.update(lineage)
         self.loggers = make_loggers(list(lc.backends), stage=name, run_name=run_name, tags=self.tags,
                                     experiment=lc.experiment, mlflow_tracking_uri=lc.mlflow_tracking_uri,
                                     mlflow_artifact_location=lc.mlflow_artifact_location,
@@ -118,6 +121,8 @@ class Stage:
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
         for lg in self.loggers:
             lg.log_hyperparams(flat)
+            if type(lg).__name__ == "WandbLogger":  # MLflow has them as run tags
+                lg.experiment.config.update({f"lineage/{k}": v for k, v in self.tags.items()}, allow_val_change=True)
         self.started = time.time()
         _OPEN.append(self)
 
@@ -164,8 +169,18 @@ class Stage:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         write_json(self.out_dir / "metrics.json", metrics)
-        files = [self.out_dir / "metrics.json", self.out_dir / "config.yaml", *(artifacts or [])]
-        log_summary(self.loggers, metrics, files)
+        outputs = tree_md5s([self.out_dir])
+        output_md5 = combined_md5(outputs, self.out_dir)  # what a downstream stage finds as its input
+        for lg in self.loggers:
+            if type(lg).__name__ == "MLFlowLogger":
+                lg.experiment.set_tag(lg.run_id, "output_md5", output_md5)
+            elif type(lg).__name__ == "WandbLogger":
+                lg.experiment.config.update({"lineage/output_md5": output_md5}, allow_val_change=True)
+        with tempfile.TemporaryDirectory() as tmp:  # lineage.json: an artifact, not a file of the stage output
+            lineage = Path(tmp) / "lineage.json"
+            write_json(lineage, {**self.lineage, "tags": self.tags, "outputs": outputs, "output_md5": output_md5})
+            files = [self.out_dir / "metrics.json", self.out_dir / "config.yaml", lineage, *(artifacts or [])]
+            log_summary(self.loggers, metrics, files)
         if self in _OPEN:
             _OPEN.remove(self)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
