@@ -169,3 +169,25 @@ def test_errors(store, capsys, tmp_path):
             main(["compare", *args])
         assert str(exc.value.code).startswith("llmstages compare: ") and message in str(exc.value.code)
         assert "\n" not in str(exc.value.code)
+
+
+def test_bad_paths_and_foreign_databases_are_one_line_errors(store, capsys, tmp_path):
+    import sqlite3
+
+    uri, _ = store
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+    before = other.read_bytes()
+    for args, message in [(["--tracking-uri", f"sqlite:///{other}"], "is not an MLflow store"),
+                          (["--tracking-uri", uri, "-o", str(tmp_path / "nodir" / "x.csv")], "--output"),
+                          (["--tracking-uri", uri, "-o", str(tmp_path)], "--output"),
+                          (["--tracking-uri", uri, "--plot", "train/loss", "--plot-file",
+                            str(tmp_path / "nodir" / "x.png")], "--plot-file")]:
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", *args])
+        assert str(exc.value.code).startswith("llmstages compare: ") and message in str(exc.value.code)
+        assert "\n" not in str(exc.value.code)
+    assert other.read_bytes() == before  # a foreign database is never migrated
+    main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--metric", "nosuch", "--format", "csv"])
+    assert "no listed run logged nosuch (known: " in capsys.readouterr().err

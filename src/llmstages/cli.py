@@ -265,6 +265,9 @@ def _compare_cmd(argv: list[str]) -> int:
                         "(repeatable, e.g. train/loss)")
     parser.add_argument("--plot-file", default="compare.png", help="PNG for --plot (default: %(default)s)")
     args = parser.parse_args(argv)
+    for flag, path in (("--output", args.output), ("--plot-file", args.plot and args.plot_file)):
+        if path and (Path(path).is_dir() or not Path(path).resolve().parent.is_dir()):
+            sys.exit(f"llmstages compare: {flag} {path}: not a file in an existing folder")
     from .compare import CompareError, compare
 
     try:
@@ -273,6 +276,10 @@ def _compare_cmd(argv: list[str]) -> int:
                 fmt=args.format, output=args.output, plots=args.plot, plot_file=args.plot_file)
     except CompareError as err:
         sys.exit(f"llmstages compare: {err}")
+    except Exception as err:  # the store's own errors (MLflow, SQLAlchemy): one line unless LLMSTAGES_DEBUG
+        if os.environ.get("LLMSTAGES_DEBUG"):
+            raise
+        sys.exit(f"llmstages compare: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     return 0
 
 

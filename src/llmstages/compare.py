@@ -28,9 +28,23 @@ def open_store(tracking_uri: str):
     path = _local_path(tracking_uri)
     if path is not None and not path.exists():
         raise CompareError(f"no MLflow store at {path} (run a stage first, or pass --tracking-uri)")
+    if tracking_uri.startswith("sqlite:///") and not _is_mlflow_db(path):
+        raise CompareError(f"{path} is not an MLflow store (no MLflow tables; nothing was changed)")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _is_mlflow_db(path: Path) -> bool:
+    """Whether ``path`` is an SQLite file holding MLflow's tables (read-only check: MLflow would migrate it)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error:
+        return False
+    return {"runs", "experiments"} <= names
 
 
 def _local_path(uri: str) -> Path | None:
@@ -88,6 +102,11 @@ def choose_metrics(runs, requested: list[str] | None) -> list[str]:
     if requested and "all" in requested:
         return every
     if requested:
+        known = {k[len(FINAL):] if k.startswith(FINAL) else k for r in runs for k in r.data.metrics}
+        unknown = [m for m in requested if m not in known]
+        if unknown:
+            print(f"llmstages compare: no listed run logged {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+                  file=sys.stderr)
         return requested
     stages = {r.data.tags.get("stage") for r in runs}
     names = [m for s, ms in DEFAULT_METRICS.items() if s in stages for m in ms]
@@ -212,7 +231,8 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
         params, n_same = differing_params(runs)
         names = choose_metrics(runs, metrics)
         header, rows = table(runs, params, names)
-        note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} runs (not shown)"
+        note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} run{'s' * (len(runs) != 1)} " \
+               "(not shown)"
         with open(output, "w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout) as out:
             if fmt == "rich":
                 print_rich(header, rows, len(names), note, file=out)
