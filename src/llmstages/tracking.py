@@ -108,32 +108,34 @@ def lineage_tags(inputs: list[str | Path], tracking_uri: str | None) -> tuple[di
     """
     md5s = tree_md5s(inputs)
     versions = package_versions()
-    upstream = {}
-    for folder in (Path(p) for p in inputs if Path(p).is_dir()):
-        digest = combined_md5({f: h for f, h in md5s.items() if Path(f).is_relative_to(folder)}, folder)
-        run = _run_with_output(tracking_uri, digest) if tracking_uri else None
-        if run:
-            upstream[str(folder)] = run
+    folders = [Path(p) for p in inputs if Path(p).is_dir()]
+    digests = {str(d): combined_md5({f: h for f, h in md5s.items() if Path(f).is_relative_to(d)}, d) for d in folders}
+    found = _runs_with_outputs(tracking_uri, set(digests.values())) if tracking_uri and digests else {}
+    upstream = {folder: found[d] for folder, d in digests.items() if d in found}
     tags = {**{f"version.{k}": v for k, v in versions.items()}, "inputs_md5": combined_md5(md5s)}
     if upstream:
         tags["upstream_run_id"] = ",".join(upstream.values())
     return tags, {"inputs": md5s, "versions": versions, "upstream_runs": upstream}
 
 
-def _run_with_output(tracking_uri: str, digest: str) -> str | None:
-    """Id of the newest finished MLflow run tagged ``output_md5 = digest``, or None."""
+def _runs_with_outputs(tracking_uri: str, digests: set[str]) -> dict[str, str]:
+    """``{digest: id of the newest run tagged output_md5 = digest}`` from one client of the MLflow store."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        return None
+        return {}
     try:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
         exps = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(exps, f"tags.output_md5 = '{digest}'", order_by=["attributes.start_time DESC"],
-                                  max_results=1) if exps else []
-        return runs[0].info.run_id if runs else None
+        found = {}
+        for d in sorted(digests) if exps else []:
+            runs = client.search_runs(exps, f"tags.output_md5 = '{d}'", order_by=["attributes.start_time DESC"],
+                                      max_results=1)
+            if runs:
+                found[d] = runs[0].info.run_id
+        return found
     except Exception:  # noqa: BLE001  (lineage is best effort: a broken store must not stop training)
-        return None
+        return {}
 
 
 def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[str, str], experiment: str,
