@@ -102,12 +102,17 @@ def test_generate_shows_each_stage(tiny_run):
 
 
 def test_kill_and_resume(tiny_run, tmp_path):
-    """A pretrain killed mid-run and started again resumes from its last checkpoint and finishes the steps."""
+    """A pretrain killed mid-run and started again resumes from its last checkpoint, finishes the steps, and
+    continues the same tracking runs: one MLflow run with the loss curve from both halves, one W&B run id."""
+    import mlflow
+
     work, _ = tiny_run
-    args = ["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/pt", "logger=none", "model=tiny",
+    args = ["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/pt", "logger=many", "model=tiny",
             "batch_size=8", "seq_len=64", "trainer.max_steps=300", "trainer.val_check_interval=300",
-            "trainer.checkpoint_every_n_steps=20", "trainer.enable_progress_bar=false", "trainer.precision=32-true"]
-    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+            "trainer.checkpoint_every_n_steps=20", "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false",
+            "trainer.precision=32-true", "probes.max_new_tokens=4"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(LLMSTAGES_CONF=str(ROOT / "conf"), LLMSTAGES_PIPELINE_RUN="resume-test")
     proc = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
@@ -118,11 +123,26 @@ def test_kill_and_resume(tiny_run, tmp_path):
     proc.wait()
     assert list(ckpts.glob("pretrain-*/last.ckpt")), "no checkpoint was written before the kill"
     assert not (tmp_path / "outputs/pt/metrics.json").exists()
-    p = run(args, tmp_path, timeout=900)
+    p = subprocess.run([LLMSTAGES, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
     metrics = json.loads((tmp_path / "outputs/pt/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 300
     assert "resuming from" in p.stderr
     assert not list(ckpts.glob("pretrain-*"))  # cleaned up after success
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'pretrain'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert min(steps) < metrics["resumed_from_step"] < max(steps)  # one curve across the kill
+    assert runs[0].data.metrics["final/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+    wandb_runs = sorted((tmp_path / "outputs/wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1  # same run id
+    # Probe prompts: a table artifact in MLflow, with the pretrained model's continuation of each prompt.
+    probes = json.loads(open(client.download_artifacts(runs[0].info.run_id, "probes.json")).read())
+    assert probes["columns"] == ["prompt", "response"]
+    assert [row[0] for row in probes["data"]] == ["The capital of France is", "What's 2 + 2?",
+                                                   "Explain gravity to a 5-year-old."]
 
 
 def test_wandb_offline_run(tiny_run, tmp_path):

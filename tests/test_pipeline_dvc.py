@@ -1,17 +1,21 @@
 """The whole pipeline through DVC in a temporary git + DVC repo, on the tiny experiment preset.
 
-Checks: `dvc repro` runs the five stages; a second `dvc repro` runs nothing; `dvc exp run -S` with an SFT
-setting reruns sft, reward and rlhf only, and the sft stage trained with the value that was set.
+Checks: `dvc repro` runs the five stages; a second `dvc repro` runs nothing; each training stage's curves are
+DVC plots with the values it logged; `dvc exp run -S` with an SFT setting reruns sft, reward and rlhf only, and
+the sft stage trained with the value that was set; a queued learning-rate grid runs with `dvc queue start` and
+logs to the project's own MLflow store, tagged with the experiment names.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,14 @@ def sh(cwd: Path, *args: str) -> str:
 
 def ran_stages(log: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", log)
+
+
+def curve(repo: Path, stage: str, name: str) -> list[tuple[int, float]]:
+    """``[(step, value)]`` of one metric curve of a stage output (``outputs/<stage>/curves/<name>.tsv``)."""
+    with open(repo / f"outputs/{stage}/curves/{name}.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    assert rows and list(rows[0]) == ["step", name.split("/")[-1]]
+    return [(int(r["step"]), float(r[name.split("/")[-1]])) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +76,34 @@ def test_repro_runs_all_stages_then_nothing(repo):
     sh(repo, "git", "commit", "-qm", "baseline run")
 
 
+def test_training_curves_are_dvc_plots(repo):
+    """Each training stage writes what it logged as curves in its output; `dvc plots show` charts them by step."""
+    metrics = {s: json.loads((repo / f"outputs/{s}/metrics.json").read_text()) for s in ("pretrain", "sft", "reward")}
+    train_loss = curve(repo, "pretrain", "train/loss")
+    steps = [s for s, _ in train_loss]
+    assert len(steps) >= 2 and steps == sorted(set(steps))  # one point per logged step
+    assert train_loss[-1][1] == pytest.approx(metrics["pretrain"]["train_loss"], abs=1e-6)
+    # metrics.json re-evaluates in float32; the Trainer's validation may run under bf16 autocast
+    assert curve(repo, "pretrain", "val/loss")[-1][1] == pytest.approx(metrics["pretrain"]["val_loss"], rel=1e-2)
+    lr = yaml.safe_load((repo / "outputs/pretrain/config.yaml").read_text())["optim"]["lr"]
+    assert all(0 < v <= lr * (1 + 1e-6) for _, v in curve(repo, "pretrain", "lr-AdamW/pg1"))
+    assert curve(repo, "sft", "val/loss")[-1][1] == pytest.approx(metrics["sft"]["val_loss"], abs=1e-6)
+    for name in ("loss", "accuracy", "margin"):  # the final full validation is the last point
+        assert curve(repo, "reward", f"val/{name}")[-1][1] == pytest.approx(metrics["reward"][f"val_{name}"], abs=1e-6)
+    assert len(curve(repo, "rlhf", "train/reward")) >= 1  # manual optimization (PPO)
+
+    shown = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=repo, capture_output=True,
+                                      text=True, check=True).stdout)["data"]
+    for stage in ("pretrain", "sft", "reward", "rlhf"):
+        files = sorted(str(f.relative_to(repo)) for f in (repo / f"outputs/{stage}/curves").rglob("*.tsv"))
+        assert files and set(files) <= set(shown), stage
+    plot = shown["outputs/pretrain/curves/val/loss.tsv"][0]["content"]
+    assert plot["encoding"]["x"]["field"] == "step"
+    assert [float(p["loss"]) for p in plot["data"]["values"]] == [v for _, v in curve(repo, "pretrain", "val/loss")]
+    # DVCLive wrote only the stage outputs: no dvclive/ folder, no dvc.yaml edit, nothing new for git
+    assert not (repo / "dvclive").exists() and sh(repo, "git", "status", "--porcelain") == ""
+
+
 def test_exp_run_sft_setting_reruns_downstream_only(repo):
     log = sh(repo, "dvc", "exp", "run", "-S", "+experiment=tiny", "-S", "sft.optim.lr=0.0001234")
     assert ran_stages(log) == ["sft", "reward", "rlhf"]
@@ -80,3 +120,47 @@ def test_exp_run_switches_the_rlhf_algorithm_with_one_value(repo, algorithm):
     assert ran_stages(log) == ["rlhf"]
     metrics = json.loads((repo / "outputs/rlhf/metrics.json").read_text())
     assert metrics["algorithm"] == algorithm and metrics["steps"] == 8
+
+
+def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
+    """`dvc exp run --queue` with a list of values queues one experiment per value; `dvc queue start` runs them
+    (each in a temporary copy of the repo); `dvc exp show` and `dvc plots diff` compare them, and their MLflow runs
+    land in the project's own store, tagged with the experiment names."""
+    log = sh(repo, "dvc", "exp", "run", "--queue", "pretrain", "-S", "+experiment=tiny",
+             "-S", "pretrain.optim.lr=0.001,0.0003")
+    names = re.findall(r"Queued experiment '([\w-]+)'", log)
+    assert len(names) == 2, log
+    try:
+        sh(repo, "dvc", "queue", "start", "-j", "1")
+        deadline = time.time() + 600
+        while re.search(r"\b(Queued|Running)\b", status := sh(repo, "dvc", "queue", "status")):
+            assert time.time() < deadline, status
+            time.sleep(2)
+    finally:
+        subprocess.run([str(BIN / "dvc"), "queue", "stop"], cwd=repo, capture_output=True)
+    for name in names:
+        assert re.search(rf"{name}\s.*Success", status), sh(repo, "dvc", "queue", "logs", name)
+
+    shown = json.loads(subprocess.run([str(BIN / "dvc"), "exp", "show", "--json"], cwd=repo, capture_output=True,
+                                      text=True, check=True).stdout)
+    exps = {e["name"]: e["revs"][0]["data"] for rev in shown for e in rev.get("experiments") or []
+            if e.get("name") in names}
+    lrs = {n: d["params"]["params.yaml"]["data"]["pretrain"]["optim"]["lr"] for n, d in exps.items()}
+    assert sorted(lrs.values()) == [0.0003, 0.001]
+    for data in exps.values():  # each ran data + pretrain and shows the params and metrics of all five stages
+        stages = {"data", "pretrain", "sft", "reward", "rlhf"}
+        assert {m.split("/")[1] for m in data["metrics"]} == stages <= set(data["params"]["params.yaml"]["data"])
+        assert data["metrics"]["outputs/pretrain/metrics.json"]["data"]["val_loss"] > 0
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'pretrain'")
+    used = {r.data.tags.get("dvc_exp_name"): float(r.data.params["optim.lr"]) for r in runs
+            if r.data.tags.get("dvc_exp_name") in names and r.info.status == "FINISHED"}
+    assert used == lrs  # the value each experiment set is the one its pretrain run trained with
+
+    diff = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "diff", "--json", *names], cwd=repo,
+                                     capture_output=True, text=True, check=True).stdout)["data"]
+    values = diff["outputs/pretrain/curves/val/loss.tsv"][0]["content"]["data"]["values"]
+    assert {p["rev"] for p in values} == set(names)

@@ -102,8 +102,14 @@ def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work}/outputs/mlflow.db")
     exp = client.get_experiment_by_name("llmstages")
     runs = client.search_runs([exp.experiment_id], "tags.pipeline_run = 'test-pipeline'")
-    by_stage = {r.data.tags["stage"]: r for r in runs}
+    parents = [r for r in runs if r.data.tags.get("llmstages_role") == "pipeline"]
+    # One parent run per pipeline execution, finished, with the five stage runs nested under it (what the
+    # MLflow UI shows as one expandable group).
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name == "pipeline-test-pipeline"
+    by_stage = {r.data.tags["stage"]: r for r in runs if r not in parents}
     assert set(by_stage) == {"data", "pretrain", "sft", "reward", "rlhf"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in by_stage.values()} == {parents[0].info.run_id}
     pre = by_stage["pretrain"]
     assert pre.data.params["trainer.max_steps"] == "40"
     assert pre.data.metrics["final/val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
@@ -124,7 +130,8 @@ def test_lineage_links_each_stage_to_the_run_that_made_its_inputs(tiny_run):
                               "tags.pipeline_run = 'test-pipeline' and attributes.status = 'FINISHED'")
     by_stage = {}
     for r in sorted(runs, key=lambda r: r.info.start_time):  # the pipeline's own run of each stage comes first
-        by_stage.setdefault(r.data.tags["stage"], r)
+        if "stage" in r.data.tags:  # not the pipeline's parent run
+            by_stage.setdefault(r.data.tags["stage"], r)
     assert set(by_stage) == {"data", "pretrain", "sft", "reward", "rlhf"}
     for stage, r in by_stage.items():
         tags = r.data.tags

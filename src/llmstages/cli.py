@@ -24,6 +24,8 @@ stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to prin
   reward      Bradley-Terry reward model on preference pairs
   rlhf        PPO, DPO or GRPO from the SFT model                 e.g. llmstages rlhf algorithm=dpo
 
+  Sweeps: -m optim.lr=1e-4,3e-4,1e-3 (basic), or hparams_search=pretrain_optuna|sft_optuna|reward_optuna (Optuna);
+  each job in outputs/multirun/<stage>/<time>_<id>/<job>/, with summary.md/.csv of the objective (objective.metric).
   Keys may carry the stage's section as in params.yaml: `llmstages rlhf rlhf.algorithm=grpo` = `algorithm=grpo`.
   A stage given --params FILE (as dvc.yaml does) trains with FILE's section for that stage instead of
   composing conf/, and writes to outputs/<stage>/.
@@ -33,7 +35,8 @@ other commands:
   generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
   compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/loss
 
-Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show.
+Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show,
+  dvc exp run --queue -S 'pretrain.optim.lr=1e-3,3e-4' then dvc queue start (a grid), dvc plots show.
 Config folder: ./conf, or $LLMSTAGES_CONF.
 """
 
@@ -140,22 +143,50 @@ def strip_stage_prefix(stage: str, arg: str) -> str:
 
 
 def _hydra_mode(stage: str, argv: list[str]) -> int:
+    """Run ``stage`` as a Hydra app composing ``conf/entry/<stage>.yaml``; the app returns the objective.
+
+    The objective is ``metrics[objective.metric]`` as a float (what a sweeper such as Optuna optimises). In a multirun
+    each job gets ``LLMSTAGES_SWEEP`` (the sweep folder) and ``LLMSTAGES_SWEEP_JOB`` (its number) in the environment,
+    and a job that stops with a one-line error is recorded by Hydra as failed (:class:`~llmstages.sweep.JobFailed`);
+    an ``objective.metric`` the stage does not report stops the whole sweep (every job would fail the same way).
+    """
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .config import ConfigError
+    from .sweep import JobFailed, register_resolvers
 
-    objective = {"data": "train_tokens", "pretrain": "val_loss", "sft": "exact_match", "reward": "val_accuracy",
-                 "rlhf": "rlhf_reward"}[stage]
+    register_resolvers()  # ${llmstages.uid:} in hydra.run.dir / hydra.sweep.dir
 
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=f"entry/{stage}")
     def app(cfg):
+        hc = HydraConfig.get()
+        sweep = hc.mode == RunMode.MULTIRUN
+        if sweep:
+            os.environ["LLMSTAGES_SWEEP"] = str(Path(hc.sweep.dir).resolve())
+            os.environ["LLMSTAGES_SWEEP_JOB"] = str(hc.job.num)
+        else:
+            os.environ.pop("LLMSTAGES_SWEEP", None)
+            os.environ.pop("LLMSTAGES_SWEEP_JOB", None)
         try:
-            metrics = run_stage(stage, cfg, cfg.get("out_dir") or HydraConfig.get().runtime.output_dir,
-                                source="config (conf/ + command-line overrides)")
-        except ConfigError as err:
-            sys.exit(f"llmstages {stage}: {err}")
-        return metrics.get(objective)
+            try:
+                metrics = run_stage(stage, cfg, cfg.get("out_dir") or hc.runtime.output_dir,
+                                    source="config (conf/ + command-line overrides)")
+            except ConfigError as err:
+                sys.exit(f"llmstages {stage}: {err}")
+        except SystemExit as err:
+            if not (sweep and isinstance(err.code, str)):
+                raise
+            raise JobFailed(err.code) from None  # Hydra records this job as failed (the sweeper decides the rest)
+        key = cfg.objective.metric
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            what = "is not a metric of" if key not in metrics else f"is {value!r}, not a number, in"
+            sys.exit(f"llmstages {stage}: objective.metric={key!r} {what} this stage's metrics.json; "
+                     f"expected one of: {', '.join(numeric)}")
+        return float(value)
 
     sys.argv = [f"llmstages {stage}", *map(lambda a: strip_stage_prefix(stage, a), argv)]
     app()
@@ -259,6 +290,8 @@ def _compare_cmd(argv: list[str]) -> int:
     parser.add_argument("--metric", action="append", metavar="NAME",
                         help="metric column, final value (repeatable; 'all': every final metric; default: per stage, "
                         "e.g. pretrain val_loss, sft exact_match_arithmetic)")
+    parser.add_argument("--lineage", action="store_true", help="add the columns that trace each row to its code and "
+                        "data: git commit and dirty flag, DVC experiment, sweep, inputs MD5, upstream run id")
     parser.add_argument("--format", choices=("rich", "markdown", "csv"), default="rich")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--plot", action="append", metavar="METRIC", help="plot this metric's history per run "
@@ -273,7 +306,8 @@ def _compare_cmd(argv: list[str]) -> int:
     try:
         compare(tracking_uri=args.tracking_uri, stage=args.stage, experiments=args.experiment, tags=args.tag,
                 status=None if args.all_status else args.status, last=args.last, metrics=args.metric,
-                fmt=args.format, output=args.output, plots=args.plot, plot_file=args.plot_file)
+                fmt=args.format, output=args.output, plots=args.plot, plot_file=args.plot_file,
+                lineage=args.lineage)
     except CompareError as err:
         sys.exit(f"llmstages compare: {err}")
     except Exception as err:  # the store's own errors (MLflow, SQLAlchemy): one line unless LLMSTAGES_DEBUG

@@ -81,7 +81,7 @@ def find_runs(client, *, stage: str | None = None, experiments: list[str] | None
     while True:
         page = client.search_runs(ids, " AND ".join(where), order_by=["attributes.start_time DESC"],
                                   max_results=min(last or 1000, 1000), page_token=token)
-        runs.extend(page)
+        runs.extend(r for r in page if "llmstages_role" not in r.data.tags)  # not the parent runs (pipeline, sweep)
         token = page.token
         if not token or (last and len(runs) >= last):
             return runs[:last] if last else runs
@@ -114,9 +114,11 @@ def choose_metrics(runs, requested: list[str] | None) -> list[str]:
 
 
 def differing_params(runs) -> tuple[list[str], int]:
-    """``(params whose value differs between runs (missing counts as a value), number of identical params)``."""
+    """``(params with two or more values among the runs that have them, number of the other params)``.
+
+    A param that only some runs have (another stage's key) is not a difference by itself."""
     keys = sorted(set().union(*(r.data.params for r in runs)))
-    differ = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    differ = [k for k in keys if len({r.data.params[k] for r in runs if k in r.data.params}) > 1]
     return differ, len(keys) - len(differ)
 
 
@@ -124,13 +126,19 @@ def run_name(run) -> str:
     return run.info.run_name or run.info.run_id[:8]
 
 
-def table(runs, params: list[str], metrics: list[str]) -> tuple[list[str], list[list]]:
-    """Header and rows: run, run_id, stage, start, [status,] the given params (str) and metrics (float)."""
+LINEAGE_TAGS = ("git_commit", "git_dirty", "dvc_exp_name", "sweep", "inputs_md5", "upstream_run_id")
+
+
+def table(runs, params: list[str], metrics: list[str], lineage: bool = False) -> tuple[list[str], list[list]]:
+    """Header and rows: run, run_id, stage, start, [status,] [lineage tags,] the given params (str) and metrics
+    (float). ``lineage``: the tags that trace a row to its code and data (:data:`LINEAGE_TAGS` any run has)."""
     status = any(r.info.status != "FINISHED" for r in runs)
-    header = ["run", "run_id", "stage", "start", *(["status"] if status else []), *params, *metrics]
+    tags = [t for t in LINEAGE_TAGS if any(t in r.data.tags for r in runs)] if lineage else []
+    header = ["run", "run_id", "stage", "start", *(["status"] if status else []), *tags, *params, *metrics]
     rows = [[run_name(r), r.info.run_id, r.data.tags.get("stage", ""),
              datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S"),
-             *([r.info.status] if status else []), *(r.data.params.get(k) for k in params),
+             *([r.info.status] if status else []), *(r.data.tags.get(t, "") for t in tags),
+             *(r.data.params.get(k) for k in params),
              *(metric_value(r, m) for m in metrics)] for r in runs]
     return header, rows
 
@@ -210,8 +218,9 @@ def plot_metrics(client, runs, metrics: list[str], labels: list[str]):
 def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[str] | None = None,
             tags: list[str] | None = None, status: str | None = "FINISHED", last: int | None = None,
             metrics: list[str] | None = None, fmt: str = "rich", output: str | None = None,
-            plots: list[str] | None = None, plot_file: str = "compare.png") -> None:
-    """Print (or write to ``output``) the comparison table; with ``plots``, save their curves to ``plot_file``.
+            plots: list[str] | None = None, plot_file: str = "compare.png", lineage: bool = False) -> None:
+    """Print (or write to ``output``) the comparison table; with ``plots``, save their curves to ``plot_file``;
+    with ``lineage``, add the commit, DVC experiment, sweep, input hash and upstream run of each row.
 
     Raises:
         CompareError: no store, no runs, or a bad filter.
@@ -230,7 +239,7 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
             raise CompareError(f"no runs match {', '.join(filters)} in {tracking_uri}")
         params, n_same = differing_params(runs)
         names = choose_metrics(runs, metrics)
-        header, rows = table(runs, params, names)
+        header, rows = table(runs, params, names, lineage)
         note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} run{'s' * (len(runs) != 1)} " \
                "(not shown)"
         with open(output, "w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout) as out:

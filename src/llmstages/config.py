@@ -19,6 +19,7 @@ from .model import GPTConfig as ModelSchema  # the model section is the architec
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
 CORPUS_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # data.data.corpus_format
+DIRECTIONS = ("minimize", "maximize")  # objective.direction
 
 
 @dataclass
@@ -62,6 +63,26 @@ class LoggerSchema:
 
 
 @dataclass
+class ProbesSchema:
+    """Fixed prompts each training stage answers (greedy) at the end and logs as a table (conf/probes/)."""
+
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+
+
+@dataclass
+class ObjectiveSchema:
+    """What a Hydra sweep of the stage optimises: a key of its metrics.json, and whether lower or higher is better."""
+
+    metric: str = "val_loss"
+    direction: str = "minimize"  # minimize | maximize
+
+
+def _objective(metric: str, direction: str) -> Any:
+    return field(default_factory=lambda: ObjectiveSchema(metric, direction))
+
+
+@dataclass
 class TokenizerSchema:
     path: Optional[str] = None  # a local Hugging Face tokenizer.json or folder; None = train byte-level BPE
     bos_token: Optional[str] = None  # None: from tokenizer_config.json, else <|bos|> (added)
@@ -102,6 +123,7 @@ class DataStageSchema:
     arithmetic_max: int = 20
     heldout_fraction: float = 0.1
     seed: int = 1234
+    objective: ObjectiveSchema = _objective("train_tokens", "maximize")
 
 
 @dataclass
@@ -109,10 +131,12 @@ class TrainStageSchema:
     optim: OptimSchema = field(default_factory=OptimSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+    probes: ProbesSchema = field(default_factory=ProbesSchema)
     data_dir: str = "outputs/data"
     out_dir: Optional[str] = None  # None: outputs/<stage> in the pipeline, Hydra's run folder for ad-hoc runs
     batch_size: int = 16
     num_workers: int = 0
+    objective: ObjectiveSchema = _objective("val_loss", "minimize")
 
 
 @dataclass
@@ -129,6 +153,7 @@ class SFTSchema(TrainStageSchema):
     packing: bool = False
     eval_max_new_tokens: int = 24
     eval_limit: int = 200
+    objective: ObjectiveSchema = _objective("exact_match", "maximize")
 
 
 @dataclass
@@ -136,6 +161,7 @@ class RewardSchema(TrainStageSchema):
     init_from: str = "outputs/sft"
     max_len: int = 128
     long_prompt: str = "truncate_left"
+    objective: ObjectiveSchema = _objective("val_accuracy", "maximize")
 
 
 @dataclass
@@ -198,6 +224,7 @@ class RLHFSchema:
     optim: OptimSchema = field(default_factory=OptimSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+    probes: ProbesSchema = field(default_factory=ProbesSchema)
     data_dir: str = "outputs/data"
     policy_from: str = "outputs/sft"
     reward_from: str = "outputs/reward"
@@ -205,6 +232,7 @@ class RLHFSchema:
     eval_limit: int = 200
     eval_max_new_tokens: int = 24
     num_workers: int = 0
+    objective: ObjectiveSchema = _objective("rlhf_reward", "maximize")
 
 
 SCHEMAS: dict[str, type] = {
@@ -248,6 +276,10 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if "trainer" in cfg and cfg.trainer.max_steps <= 0:
         bad("trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
+    if cfg.objective.direction not in DIRECTIONS:
+        bad("objective.direction", f"expected minimize or maximize, got {cfg.objective.direction!r}")
+    if not cfg.objective.metric:
+        bad("objective.metric", "is empty: name a key of the stage's metrics.json (e.g. val_loss)")
     if "logger" in cfg:
         for b in cfg.logger.backends:
             if b not in ("mlflow", "wandb", "csv"):

@@ -7,6 +7,12 @@ Lineage (:func:`lineage_tags`): package versions, the MD5 of every input file (t
 combined into ``inputs_md5``, and, for each input folder that another tracked run wrote, that run's id as
 ``upstream_run_id``: a run's ``output_md5`` tag is the same combined hash over its output folder, so a stage
 finds the run that produced its inputs by content, whatever the folder is called.
+
+One pipeline execution (a ``dvc repro`` or ``dvc exp run``) is one MLflow parent run (tag
+``llmstages_role=pipeline``) with a nested run per stage, and one W&B group with a job type per stage; the
+jobs of one Hydra sweep are nested the same way under a ``sweep`` parent run.
+Relative store paths are taken from the DVC project root (``$DVC_ROOT``), so experiments that DVC runs in a
+temporary copy of the repo (``dvc queue start``) log to the project's own store.
 """
 
 from __future__ import annotations
@@ -52,15 +58,40 @@ def pipeline_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def in_pipeline() -> bool:
+    """Whether this stage runs as part of a pipeline execution (under DVC, or with LLMSTAGES_PIPELINE_RUN set)."""
+    return bool(os.environ.get("DVC_STAGE") or os.environ.get("LLMSTAGES_PIPELINE_RUN"))
+
+
 def git_commit() -> tuple[str, bool]:
-    """``(commit sha or "unknown", dirty)`` of the working tree."""
+    """``(commit sha or "unknown", dirty)`` of the working tree.
+
+    ``params.yaml`` and ``dvc.lock`` do not count as dirty: DVC writes them itself on ``dvc exp run -S``, and
+    the values a run used are logged with it anyway.
+    """
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":(exclude)params.yaml", ":(exclude)dvc.lock"], capture_output=True,
                                     text=True, check=True).stdout.strip())
         return sha, dirty
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
+
+
+def project_path(path: str) -> str:
+    """``path`` (a folder or a ``sqlite:///`` URI) with a relative location taken from ``$DVC_ROOT`` when DVC
+    runs the stage, else unchanged.
+
+    A queued DVC experiment runs in a temporary copy of the repo that is deleted afterwards; its tracking runs
+    must still land in the project's ``outputs/mlflow.db`` and ``outputs/wandb``.
+    """
+    root = os.environ.get("DVC_ROOT")
+    prefix = "sqlite:///" if path.startswith("sqlite:///") else ""
+    rest = path[len(prefix):]
+    if not root or (not prefix and "://" in path) or Path(rest).is_absolute():
+        return path
+    return prefix + str(Path(root) / rest)
 
 
 def file_md5(path: str | Path) -> str:
@@ -140,27 +171,51 @@ def _runs_with_outputs(tracking_uri: str, digests: set[str]) -> dict[str, str]:
 
 def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[str, str], experiment: str,
                  mlflow_tracking_uri: str, mlflow_artifact_location: str, wandb_project: str,
-                 wandb_mode: str | None, wandb_dir: str, csv_dir: str) -> list:
+                 wandb_mode: str | None, wandb_dir: str, csv_dir: str, parent: tuple[str, str] | None = None,
+                 resume: dict[str, str] | None = None) -> list:
     """Lightning loggers for the requested backends (``mlflow``, ``wandb``, ``csv``).
 
     W&B runs offline unless ``wandb_mode`` says otherwise or ``WANDB_API_KEY`` is set; offline runs land in
-    ``<wandb_dir>/wandb/`` and are uploaded later with ``wandb sync``.
+    ``<wandb_dir>/wandb/offline-run-*`` and are uploaded later with ``wandb sync``. With ``parent``
+    (``("pipeline_run", id)`` or ``("sweep", folder)``), the MLflow run is nested under the parent run of that
+    pipeline execution or sweep (see :func:`parent_run`).
+    ``resume`` (``{"mlflow": run id, "wandb": run id}`` of an interrupted run of the same stage) continues
+    those tracking runs instead of opening new ones.
+
+    Raises:
+        ValueError: for an unknown backend name.
     """
+    resume = resume or {}
     loggers = []
     for backend in backends:
         if backend == "mlflow":
             from lightning.pytorch.loggers import MLFlowLogger
 
-            _ensure_sqlite_parent(mlflow_tracking_uri)
-            loggers.append(MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=mlflow_tracking_uri,
-                                        tags=tags, artifact_location=str(Path(mlflow_artifact_location).resolve())))
+            uri = project_path(mlflow_tracking_uri)
+            artifacts = str(Path(project_path(mlflow_artifact_location)).resolve())
+            _ensure_sqlite_parent(uri)
+            run_tags = dict(tags)
+            if resume.get("mlflow") or parent:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(uri)
+                if resume.get("mlflow"):
+                    client.update_run(resume["mlflow"], status="RUNNING")
+                else:
+                    exp = client.get_experiment_by_name(experiment)
+                    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifacts)
+                    run_tags["mlflow.parentRunId"] = parent_run(client, exp_id, *parent, tags)
+            loggers.append(MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
+                                        tags=run_tags, artifact_location=artifacts, run_id=resume.get("mlflow")))
         elif backend == "wandb":
             from lightning.pytorch.loggers import WandbLogger
 
             mode = wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+            Path(project_path(wandb_dir)).mkdir(parents=True, exist_ok=True)
+            extra = {"id": resume["wandb"], "resume": "allow"} if resume.get("wandb") else {}
             loggers.append(WandbLogger(project=wandb_project, name=run_name, group=tags.get("pipeline_run"),
-                                       job_type=stage, tags=[stage], save_dir=wandb_dir, mode=mode))
+                                       job_type=stage, tags=[stage], save_dir=project_path(wandb_dir), mode=mode,
+                                       **extra))
         elif backend == "csv":
             from lightning.pytorch.loggers import CSVLogger
 
@@ -168,6 +223,43 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
         else:
             raise ValueError(f"logger.backends: unknown backend {backend!r}")
     return loggers
+
+
+def run_ids(loggers: list) -> dict[str, str]:
+    """``{"mlflow": run id, "wandb": run id}`` of the tracking runs behind ``loggers`` (for resuming them)."""
+    out = {}
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            out["mlflow"] = lg.run_id
+        elif type(lg).__name__ == "WandbLogger":
+            out["wandb"] = lg.experiment.id  # starts the run: its id is only known then
+    return out
+
+
+def parent_run(client, experiment_id: str, key: str, value: str, tags: dict[str, str]) -> str:
+    """Id of the MLflow parent run of a group of stage runs: a pipeline execution (``key="pipeline_run"``) or a
+    Hydra sweep (``key="sweep"``, the sweep folder). Found by its tags (``llmstages_role``, ``key``), else created
+    as ``pipeline-<id>`` / ``sweep-<folder name>``; marked RUNNING while one of its runs is (see
+    :func:`end_parent_runs`)."""
+    role = "pipeline" if key == "pipeline_run" else key
+    found = client.search_runs([experiment_id], f"tags.`{key}` = '{value}' AND tags.llmstages_role = '{role}'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    keep = (key, "git_commit", "git_dirty", "dvc_exp_name", "stage" if role == "sweep" else "")
+    run = client.create_run(experiment_id, run_name=f"{role}-{Path(value).name}",
+                            tags={"llmstages_role": role, key: value, **{k: tags[k] for k in keep if k in tags}})
+    return run.info.run_id
+
+
+def end_parent_runs(loggers: list, status: str) -> None:
+    """Mark the MLflow parent run of each logger's run ``status`` (FINISHED / FAILED) with the current end time."""
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            parent = lg.experiment.get_run(lg.run_id).data.tags.get("mlflow.parentRunId")
+            if parent:
+                lg.experiment.set_terminated(parent, status)
 
 
 def _ensure_sqlite_parent(uri: str) -> None:
@@ -187,3 +279,71 @@ def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path])
         elif name == "WandbLogger":
             lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")
+    end_parent_runs(loggers, "FINISHED")
+
+
+def curve_logger(work_dir: str | Path, out_dir: str | Path, resume: bool):
+    """A Lightning logger that writes each metric the stage logs as a DVC plot: ``<out_dir>/curves/<name>.tsv``
+    (columns ``step`` and the metric; ``val/loss`` -> ``curves/val/loss.tsv``), through DVCLive.
+
+    DVCLive appends the points under ``work_dir`` (beside the resume checkpoint: DVC deletes a stage's outputs
+    before rerunning it, so a resumed run continues its curves from there, ``resume=True``); each time the
+    Trainer finalizes its loggers (end of fit or validate, or a failure) they are copied to ``out_dir``, one
+    point per step (the latest: a resumed run repeats the steps after its checkpoint, and a final full
+    validation replaces the partial one at the same step). DVCLive only writes files here: it opens no DVC repo
+    and runs no git (the stage may run inside ``dvc exp run``), writes no dvc.yaml or report, posts nothing to
+    DVC Studio, and the metric ``epoch`` that Lightning adds is left out.
+    """
+    import csv
+    import shutil
+
+    from dvclive import Live
+    from dvclive.lightning import DVCLiveLogger
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class FilesOnlyLive(Live):
+        def _init_dvc(self) -> None:  # instead of opening the DVC repo / git of the working directory
+            self._dvc_file = "dvc.yaml"
+
+        def _init_studio(self) -> None:
+            self._studio_events_to_skip.update(("start", "data", "done"))
+
+        def post_data_to_studio(self) -> None:
+            pass
+
+    def copy_curves(src: Path, dst: Path) -> None:
+        shutil.rmtree(dst, ignore_errors=True)
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.rglob("*.tsv")) if src.is_dir() else []:
+            with open(f, newline="", encoding="utf-8") as fh:
+                reader = csv.DictReader(fh, delimiter="\t")
+                rows = {int(r["step"]): r for r in reader}
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            with open(dst / f.relative_to(src), "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, reader.fieldnames, delimiter="\t", lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(rows[s] for s in sorted(rows))
+
+    class CurveLogger(DVCLiveLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> Live:
+            if self._experiment is None:
+                self._experiment = FilesOnlyLive(**self._kwargs)
+            return self._experiment
+
+        @rank_zero_only
+        def log_metrics(self, metrics, step: int | None = None, sync: bool = False) -> None:
+            live = self.experiment
+            live.step = live.step + 1 if step is None else step  # (DVCLive's own method takes 0 for "no step")
+            for name, value in metrics.items():
+                if name != "epoch":
+                    live.log_metric(name, float(value))
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            super().finalize(status)
+            copy_curves(Path(work_dir) / "plots" / "metrics", Path(out_dir) / "curves")
+
+    return CurveLogger(run_name="", dir=str(work_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -23,7 +24,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import write_json
-from ..tracking import combined_md5, git_commit, lineage_tags, log_summary, make_loggers, pipeline_run_id, tree_md5s
+from ..tracking import (combined_md5, end_parent_runs, git_commit, in_pipeline, lineage_tags, log_summary,
+                        make_loggers, pipeline_run_id, project_path, run_ids, tree_md5s)
 
 log = logging.getLogger("llmstages")
 
@@ -96,8 +98,10 @@ _OPEN: list["Stage"] = []  # stages started in this process and not finished (th
 def fail_open_stages() -> None:
     """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
     while _OPEN:
-        for lg in _OPEN.pop().loggers:
+        loggers = _OPEN.pop().loggers
+        for lg in loggers:
             lg.finalize("failed")
+        end_parent_runs(loggers, "FAILED")
 
 
 class Stage:
@@ -108,16 +112,29 @@ class Stage:
         self.pipeline_run = pipeline_run_id()
         commit, dirty = git_commit()
         self.tags = {"stage": name, "pipeline_run": self.pipeline_run, "git_commit": commit, "git_dirty": str(dirty)}
+        env_tags = {"dvc_exp_name": "DVC_EXP_NAME", "sweep": "LLMSTAGES_SWEEP", "sweep_job": "LLMSTAGES_SWEEP_JOB"}
+        self.tags.update({k: os.environ[v] for k, v in env_tags.items() if os.environ.get(v)})
         self.ckpt_dir = Path("outputs/checkpoints") / f"{name}-{config_hash(cfg, *inputs)}"
         run_name = f"{name}-{self.pipeline_run}"
         lc = cfg.logger
-        lineage, self.lineage = lineage_tags(inputs, lc.mlflow_tracking_uri if "mlflow" in lc.backends else None)
+        uri = project_path(lc.mlflow_tracking_uri) if "mlflow" in lc.backends else None
+        lineage, self.lineage = lineage_tags(inputs, uri)
         self.tags.update(lineage)
+        # A rerun after an interruption (its resume checkpoint is there) continues the same tracking runs.
+        ids_file = self.ckpt_dir / "tracking.json"
+        resume = json.loads(ids_file.read_text()) if (self.ckpt_dir / "last.ckpt").is_file() and ids_file.is_file() \
+            else None
+        parent = ("pipeline_run", self.pipeline_run) if in_pipeline() else \
+            ("sweep", self.tags["sweep"]) if "sweep" in self.tags else None
         self.loggers = make_loggers(list(lc.backends), stage=name, run_name=run_name, tags=self.tags,
                                     experiment=lc.experiment, mlflow_tracking_uri=lc.mlflow_tracking_uri,
                                     mlflow_artifact_location=lc.mlflow_artifact_location,
                                     wandb_project=lc.wandb_project, wandb_mode=lc.wandb_mode,
-                                    wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir)
+                                    wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir, parent=parent,
+                                    resume=resume)
+        if self.loggers:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_json(ids_file, run_ids(self.loggers))
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
         for lg in self.loggers:
             lg.log_hyperparams(flat)
@@ -127,15 +144,20 @@ class Stage:
         _OPEN.append(self)
 
     def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
-        """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``."""
+        """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``.
+
+        Besides the tracking loggers, every metric the stage logs goes to ``out_dir/curves/`` as DVC plot files
+        (:func:`~llmstages.tracking.curve_logger`; continued when the run resumes from its checkpoint).
+        """
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+        from ..tracking import curve_logger
 
         t = self.cfg.trainer
         ckpt = ModelCheckpoint(dirpath=self.ckpt_dir, save_last=True, save_top_k=0,
                                every_n_train_steps=t.checkpoint_every_n_steps)
-        cbs = [ckpt, *(callbacks or [])]
-        if self.loggers:
-            cbs.append(LearningRateMonitor(logging_interval="step"))
+        cbs = [ckpt, *(callbacks or []), LearningRateMonitor(logging_interval="step")]
+        curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=(self.ckpt_dir / "last.ckpt").is_file())
         if t.enable_progress_bar:
             cbs.append(StepBoundProgressBar())
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
@@ -143,7 +165,7 @@ class Stage:
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
                       accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
-                      gradient_clip_val=self.cfg.optim.grad_clip or None, logger=self.loggers or False,
+                      gradient_clip_val=self.cfg.optim.grad_clip or None, logger=[*self.loggers, curves],
                       callbacks=cbs, enable_model_summary=False, num_sanity_val_steps=0,
                       default_root_dir=str(self.ckpt_dir))
         kwargs.update(overrides)
@@ -185,6 +207,23 @@ class Stage:
             _OPEN.remove(self)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return metrics
+
+    def log_probes(self, prompts: list[str], responses: list[str], rewards: list[float] | None = None) -> None:
+        """Log the probe prompts' answers (and reward-model scores) as a table: MLflow artifact ``probes.json``
+        (compare it across runs in the UI's artifact view), W&B table ``probes``, and one log line each."""
+        rows = [{"prompt": p, "response": r, **({"reward": round(rewards[i], 4)} if rewards else {})}
+                for i, (p, r) in enumerate(zip(prompts, responses))]
+        for row in rows:
+            log.info("%s probe: %s", self.name, " | ".join(f"{k}={v!r}" for k, v in row.items()))
+        if not rows:
+            return
+        cols = list(rows[0])
+        for lg in self.loggers:
+            if type(lg).__name__ == "MLFlowLogger":
+                lg.experiment.log_table(lg.run_id, data={c: [r[c] for r in rows] for c in cols},
+                                        artifact_file="probes.json")
+            elif type(lg).__name__ == "WandbLogger":
+                lg.log_table(key="probes", columns=cols, data=[[r[c] for c in cols] for r in rows])
 
     def meta(self, **extra) -> dict:
         """The ``meta.json`` of a stage output: stage, pipeline run, commit, and stage-specific fields."""

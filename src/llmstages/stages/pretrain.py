@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import save_output
 from ..data.datasets import TokenWindows
+from ..evaluation import probe_answers
 from ..losses import next_token_loss
 from ..model import GPT, GPTConfig, param_groups
 from ..tokenizer import load_tokenizer
@@ -110,5 +111,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "resumed_from_step": resumed,
         "params": module.model.num_params(non_embedding=False),
     }
+    probes = list(cfg.probes.prompts)
+    stage.log_probes(probes, probe_answers(module.model, tok, probes, cfg.probes.max_new_tokens, chat=False)[0])
     save_output(out_dir, module.model, tok, stage.meta(metrics=metrics))
     return stage.finish(metrics)

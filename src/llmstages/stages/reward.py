@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PreferenceDataset, collate_pairs
 from ..data.formats import read_canonical
+from ..evaluation import probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
@@ -65,6 +66,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     train, val = (PreferenceDataset(read_canonical(path, "preference"), tok, cfg.max_len, cfg.long_prompt, str(path))
                   for path in (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl"))
     log_encoding("reward", train=train.stats, val=val.stats)
+    probes = list(cfg.probes.prompts)  # answered by the SFT model, scored by the reward model once trained
+    probe_texts, probe_gen = probe_answers(model, tok, probes, cfg.probes.max_new_tokens, chat=True)
     stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
     module = RewardModule(model, optim_kwargs(cfg))
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
@@ -77,5 +80,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
+    stage.log_probes(probes, probe_texts, probe_rewards(module.model, module.head, probe_gen))
     save_output(out_dir, module.model, tok, stage.meta(metrics=metrics), head=module.head)
     return stage.finish(metrics)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs, collate_prompts, read_jsonl
 from ..data.formats import read_canonical
-from ..evaluation import answer_metrics, eval_subset, generate_answers, reward_scores
+from ..evaluation import (answer_metrics, eval_subset, generate_answers, probe_answers, probe_rewards,
+                          reward_scores)
 from ..losses import kl_estimate
 from ..model import GPT, ScalarHead
 from ..rollout import response_logprobs, sample, sequence_reward_fn
@@ -123,6 +124,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         cells = [row["prompt"], row.get("answer", ""), s, r]
         lines.append("| " + " | ".join(x.replace("|", "\\|").replace("\n", " ") for x in cells) + " |")
     samples.write_text("\n".join(lines) + "\n")
+    probes = list(cfg.probes.prompts)
+    probe_texts, probe_gen = probe_answers(policy, tok, probes, cfg.probes.max_new_tokens, chat=True)
+    stage.log_probes(probes, probe_texts, probe_rewards(reward_model, reward_head, probe_gen))
     head = module.value_head if isinstance(module, PPOModule) and module.critic is None else None  # on the policy
     save_output(out_dir, policy, tok, stage.meta(metrics=metrics), head=head)
     return stage.finish(metrics, artifacts=[samples])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_sft, read_jsonl
 from ..data.formats import read_canonical
-from ..evaluation import answer_metrics, eval_subset, generate_answers
+from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_answers
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
@@ -79,5 +79,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                **encoding_metrics(train=train.stats, val=val.stats)}
     for lg in stage.loggers:
         lg.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=module.global_step)
+    probes = list(cfg.probes.prompts)
+    stage.log_probes(probes, probe_answers(module.model, tok, probes, cfg.probes.max_new_tokens, chat=True)[0])
     save_output(out_dir, module.model, tok, stage.meta(metrics=metrics))
     return stage.finish(metrics)
