@@ -93,6 +93,14 @@ def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
     assert lrs == [1e-4, 3e-4]
 
 
+def test_diverged_pretrain_is_a_one_line_error(tiny_run, tmp_path):
+    work, _ = tiny_run
+    p = run(["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/div", "logger=none", *TINY["pretrain"],
+             "optim.lr=50", "trainer.max_steps=10", "trainer.val_check_interval=10"], tmp_path, check=False)
+    assert p.returncode == 1 and "pretrain diverged: val_loss=" in p.stderr and "optim.lr=50" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "outputs/div/model.safetensors").exists()
+
+
 def test_generate_shows_each_stage(tiny_run):
     work, _ = tiny_run
     p = run(["generate", "What's 2 + 2?", "--max-new-tokens", "4"], work)
@@ -127,7 +135,7 @@ def test_kill_and_resume(tiny_run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     metrics = json.loads((tmp_path / "outputs/pt/metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 300
-    assert "resuming from" in p.stderr
+    assert "resuming from" in p.stdout + p.stderr
     assert not list(ckpts.glob("pretrain-*"))  # cleaned up after success
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
@@ -136,6 +144,13 @@ def test_kill_and_resume(tiny_run, tmp_path):
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert min(steps) < metrics["resumed_from_step"] < max(steps)  # one curve across the kill
     assert runs[0].data.metrics["final/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+    # The resumed run trained on the same batches as an uninterrupted one: same final loss.
+    straight = [a.replace("out_dir=outputs/pt", "out_dir=outputs/pt_straight").replace("logger=many", "logger=none")
+                for a in args]
+    run(straight, tmp_path, timeout=900)
+    ref = json.loads((tmp_path / "outputs/pt_straight/metrics.json").read_text())
+    assert metrics["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+    assert metrics["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-3)  # replaying seen batches: ~8% off
     wandb_runs = sorted((tmp_path / "outputs/wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in wandb_runs}) == 1  # same run id
     # Probe prompts: a table artifact in MLflow, with the pretrained model's continuation of each prompt.

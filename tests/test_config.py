@@ -73,7 +73,9 @@ def test_bad_value_names_the_key():
                                           ("ppo.kl_coef=-1", "ppo.kl_coef"), ("eval_limit=-1", "eval_limit"),
                                           ("dpo.label_smoothing=1.5", "dpo.label_smoothing"),
                                           ("eval_max_new_tokens=0", "eval_max_new_tokens"),
-                                          ("trainer.max_steps=10", "trainer.max_steps")])
+                                          ("trainer.max_steps=10", "trainer.max_steps"),
+                                          ("probes.max_new_tokens=0", "probes.max_new_tokens"),
+                                          ("objective.direction=sideways", "objective.direction")])
 def test_bad_rlhf_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate("rlhf", compose("rlhf", [override]))

@@ -272,3 +272,28 @@ def test_param_groups_biases_and_frozen():
     assert {id(p) for p in decay_g["params"]} == {id(shared.weight), id(m["head"].linear.weight)}
     assert {id(p) for p in no_decay_g["params"]} == {id(shared.bias), id(m["head"].linear.bias)}
     assert len(decay_g["params"]) == 2 and len(no_decay_g["params"]) == 2  # shared module counted once
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for probe tests: one id per character (mod the vocabulary), EOS never produced."""
+
+    bos_id, eos_id, pad_id = 1, NEVER, 0
+
+    def encode(self, text: str) -> list[int]:
+        return [2 + ord(c) % (VOCAB - 3) for c in text]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.bos_id, *self.encode(text)]
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_a_long_probe_prompt_does_not_shorten_the_other_answers(model):
+    from llmstages.evaluation import probe_answers
+
+    tok, short = CharTokenizer(), "What's 2 + 2?"
+    alone, _ = probe_answers(model, tok, [short], 8, chat=True)
+    both, gens = probe_answers(model, tok, [short, "x" * 500], 8, chat=True)  # 500 > max_seq_len 64
+    assert both[0] == alone[0] and len(alone[0].split()) == 8
+    assert len(both[1].split()) == 1 and len(gens) == 2  # the long one is cut to leave room for 1 token

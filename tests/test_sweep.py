@@ -78,16 +78,18 @@ def test_basic_multirun_summary(tiny_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.sweep = '{sweep}'")
+    rel = sweep.relative_to(tmp_path)  # the tag is the sweep folder as configured (hydra.sweep.dir)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.sweep = '{rel}'")
     [parent] = [r for r in runs if r.data.tags.get("llmstages_role") == "sweep"]
     jobs = {int(r.data.tags["sweep_job"]): r for r in runs if r is not parent}
     assert sorted(jobs) == [0, 1] and parent.info.run_name == f"sweep-{sweep.name}"
     for n, r in jobs.items():
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.info.run_name == f"pretrain-{sweep.name}-job{n}"
         assert float(r.data.params["optim.lr"]) == lrs[n]
         assert r.data.metrics["final/val_loss"] == pytest.approx(metrics[n]["val_loss"], rel=1e-6)
     table = ok(llmstages(["compare", "--tracking-uri", f"sqlite:///{tmp_path}/outputs/mlflow.db", "--tag",
-                          f"sweep={sweep}", "--format", "csv"], tmp_path)).stdout
+                          f"sweep={rel}", "--format", "csv"], tmp_path)).stdout
     got = list(csv.DictReader(table.splitlines()))
     assert {(float(r["optim.lr"]), float(r["val_loss"])) for r in got} == \
         {(lrs[n], metrics[n]["val_loss"]) for n in metrics}

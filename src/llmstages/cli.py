@@ -65,6 +65,7 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's StatefulDataLoader on newer torch
     cfg = validate(stage, cfg, source)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     try:
@@ -164,7 +165,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
         if sweep:
-            os.environ["LLMSTAGES_SWEEP"] = str(Path(hc.sweep.dir).resolve())
+            os.environ["LLMSTAGES_SWEEP"] = str(hc.sweep.dir)  # as configured: outputs/multirun/<stage>/<time>_<id>
             os.environ["LLMSTAGES_SWEEP_JOB"] = str(hc.job.num)
         else:
             os.environ.pop("LLMSTAGES_SWEEP", None)

@@ -126,6 +126,14 @@ def run_name(run) -> str:
     return run.info.run_name or run.info.run_id[:8]
 
 
+def origin(run) -> list[str]:
+    """What started the run, for plot labels: ``["exp <DVC experiment>"]``, ``["sweep job <n>"]`` or ``[]``."""
+    tags = run.data.tags
+    if tags.get("dvc_exp_name"):
+        return [f"exp {tags['dvc_exp_name']}"]
+    return [f"sweep job {tags['sweep_job']}"] if tags.get("sweep_job") else []
+
+
 LINEAGE_TAGS = ("git_commit", "git_dirty", "dvc_exp_name", "sweep", "inputs_md5", "upstream_run_id")
 
 
@@ -154,13 +162,20 @@ def cell(value, full: bool = False) -> str:
     return str(value)
 
 
+def short(column: str, text: str) -> str:
+    """A terminal cell: ids and hashes cut to 8 characters, a sweep folder to its name (CSV keeps them whole)."""
+    if column in ("run_id", "git_commit", "inputs_md5", "upstream_run_id"):
+        return ",".join(part[:8] for part in text.split(","))
+    return Path(text).name if column == "sweep" and text else text
+
+
 def print_rich(header, rows, n_metrics: int, caption: str, file=None) -> None:
     """A rich table, one row per run; or one column per run when that is narrower and the other does not fit."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(file=file)
-    cells = [[cell(v)[:8] if h == "run_id" else cell(v) for h, v in zip(header, row)] for row in rows]
+    cells = [[short(h, cell(v)) for h, v in zip(header, row)] for row in rows]
     wide = Table(title="llmstages compare", caption=caption)
     for i, h in enumerate(header):
         wide.add_column(h, justify="right" if i >= len(header) - n_metrics else "left")
@@ -252,7 +267,8 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
         if fmt != "rich":
             print(note, file=sys.stderr)
         if plots:
-            labels = [", ".join([run_name(r), *(f"{k}={r.data.params.get(k)}" for k in params[:3])]) for r in runs]
+            labels = [", ".join([run_name(r), *origin(r), *(f"{k}={r.data.params.get(k)}" for k in params[:3])])
+                      for r in runs]
             plot_metrics(client, runs, plots, labels).savefig(plot_file, dpi=120)
             print(f"wrote {plot_file}", file=sys.stderr)
     except MlflowException as err:

@@ -280,6 +280,9 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         bad("objective.direction", f"expected minimize or maximize, got {cfg.objective.direction!r}")
     if not cfg.objective.metric:
         bad("objective.metric", "is empty: name a key of the stage's metrics.json (e.g. val_loss)")
+    if "probes" in cfg and cfg.probes.max_new_tokens < 1:
+        bad("probes.max_new_tokens", f"expected at least 1, got {cfg.probes.max_new_tokens} "
+            "(to skip the probes, set probes.prompts=[])")
     if "logger" in cfg:
         for b in cfg.logger.backends:
             if b not in ("mlflow", "wandb", "csv"):

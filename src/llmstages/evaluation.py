@@ -68,24 +68,28 @@ def answer_metrics(rows: list[dict], responses: list[str], gens: list[Generation
 
 
 def probe_answers(model: GPT, tok, prompts: list[str], max_new_tokens: int,
-                  chat: bool) -> tuple[list[str], Generation | None]:
-    """Greedy answers to the probe prompts (``conf/probes/``) as text, and the generation (``None`` without
-    prompts), whose ``tokens``/``attention_mask`` a reward model can score.
+                  chat: bool) -> tuple[list[str], list[Generation]]:
+    """Greedy answers to the probe prompts (``conf/probes/``) as text, and the generations, whose
+    ``tokens``/``attention_mask`` a reward model can score (see :func:`probe_rewards`).
 
     ``chat``: each prompt is one user turn in the chat template (SFT, RLHF); else a plain text prefix to
-    continue (a pretrained model). Prompts are cut from the left to leave room for at least one new token.
+    continue (a pretrained model). Prompts are cut from the left to leave room for at least one new token; when
+    the longest one leaves less room than ``max_new_tokens``, each prompt is answered on its own, so that it
+    does not shorten the others' answers.
     """
     if not prompts:
-        return [], None
+        return [], []
     keep = model.cfg.max_seq_len - 1
     ids = [(tok.encode_prompt(p) if chat else tok.encode(p) or [tok.bos_id])[-keep:] for p in prompts]
-    g = generate(model, ids, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0)
-    return [tok.decode(r.tolist()) for r in g.responses], g
+    batches = [ids] if max(map(len, ids)) + max_new_tokens <= model.cfg.max_seq_len else [[i] for i in ids]
+    gens = [generate(model, b, max_new_tokens, tok.eos_id, tok.pad_id, temperature=0.0) for b in batches]
+    return [tok.decode(r.tolist()) for g in gens for r in g.responses], gens
 
 
-def probe_rewards(model: GPT, head: ScalarHead, g: Generation | None) -> list[float] | None:
-    """Reward-model score of each probe answer (prompt + response of ``g``), or ``None`` without probes."""
-    if g is None:
+def probe_rewards(model: GPT, head: ScalarHead, gens: list[Generation]) -> list[float] | None:
+    """Reward-model score of each probe answer (prompt + response), or ``None`` without probes."""
+    if not gens:
         return None
     device = next(model.parameters()).device
-    return reward_scores(model, head, g.tokens.to(device), g.attention_mask.to(device)).tolist()
+    return [s for g in gens for s in
+            reward_scores(model, head, g.tokens.to(device), g.attention_mask.to(device)).tolist()]

@@ -30,8 +30,8 @@ class TokenWindows(Dataset):
     """Random fixed-length windows of a token file, for next-token prediction.
 
     Item ``i`` is ``(x, y)``, both ``(seq_len,)`` int64, with ``y`` = ``x`` shifted by one token. Window
-    offsets are a deterministic function of ``(seed, i)``, so a resumed run sees the same data. ``dtype`` is the
-    file's (``meta.json["dtype"]``: uint16 or uint32).
+    offsets are a deterministic function of ``(seed, i)`` (a resumed run goes on from its loader's saved
+    position: see the pretrain stage). ``dtype`` is the file's (``meta.json["dtype"]``: uint16 or uint32).
 
     Raises:
         ValueError: if the file holds fewer than ``seq_len + 1`` tokens.
@@ -41,9 +41,10 @@ class TokenWindows(Dataset):
         self.tokens = np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
         if len(self.tokens) < seq_len + 1:
             raise ValueError(f"{path}: {len(self.tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        self.seq_len, self.num_samples = seq_len, num_samples
+        self.seq_len = seq_len
         rng = np.random.default_rng(seed)
         self.offsets = rng.integers(0, len(self.tokens) - seq_len - 1, size=num_samples)
+        self.num_samples = num_samples
 
     def __len__(self) -> int:
         return self.num_samples

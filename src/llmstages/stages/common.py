@@ -114,8 +114,12 @@ class Stage:
         self.tags = {"stage": name, "pipeline_run": self.pipeline_run, "git_commit": commit, "git_dirty": str(dirty)}
         env_tags = {"dvc_exp_name": "DVC_EXP_NAME", "sweep": "LLMSTAGES_SWEEP", "sweep_job": "LLMSTAGES_SWEEP_JOB"}
         self.tags.update({k: os.environ[v] for k, v in env_tags.items() if os.environ.get(v)})
-        self.ckpt_dir = Path("outputs/checkpoints") / f"{name}-{config_hash(cfg, *inputs)}"
-        run_name = f"{name}-{self.pipeline_run}"
+        key = config_hash(cfg, *inputs)
+        if "sweep" in self.tags:  # a sweep job resumes only itself, never another run of the same config
+            key = hashlib.sha256(f"{key}:{self.tags['sweep']}:{self.tags.get('sweep_job')}".encode()).hexdigest()[:12]
+        self.ckpt_dir = Path("outputs/checkpoints") / f"{name}-{key}"
+        run_name = f"{name}-{self.pipeline_run}" if "sweep" not in self.tags else \
+            f"{name}-{Path(self.tags['sweep']).name}-job{self.tags.get('sweep_job', '')}"
         lc = cfg.logger
         uri = project_path(lc.mlflow_tracking_uri) if "mlflow" in lc.backends else None
         lineage, self.lineage = lineage_tags(inputs, uri)
@@ -171,15 +175,21 @@ class Stage:
         kwargs.update(overrides)
         return L.Trainer(**kwargs)
 
+    def resume_step(self) -> int:
+        """Optimizer steps done by the interrupted run this one resumes (0 when there is no checkpoint)."""
+        last = self.ckpt_dir / "last.ckpt"
+        if not last.is_file():
+            return 0
+        return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+
     def fit(self, trainer: L.Trainer, module: L.LightningModule, train_dl, val_dl=None) -> int:
         """Fit, resuming from ``ckpt_dir/last.ckpt`` when a previous run of the same config was interrupted.
 
         Returns the global step the run resumed from (0 for a fresh start).
         """
         last = self.ckpt_dir / "last.ckpt"
-        resumed = 0
+        resumed = self.resume_step()
         if last.is_file():
-            resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
             log.warning("%s: resuming from %s (step %d)", self.name, last, resumed)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.is_file() else None)
         return resumed

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..checkpoint import save_output
 from ..data.datasets import TokenWindows
@@ -90,16 +91,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.trainer
     n_train = t.max_steps * cfg.batch_size * t.accumulate_grad_batches
     dtype = meta.get("dtype", "uint16")
-    train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed, dtype=dtype)
     val = TokenWindows(data_dir / "val.bin", cfg.seq_len, t.limit_val_batches * cfg.batch_size, seed=t.seed + 1,
                        dtype=dtype)
     bytes_per_token = meta["val_bytes"] / max(1, meta["val_tokens"])
     stage = Stage("pretrain", cfg, out_dir, inputs=[data_dir])
     module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len)
     trainer = stage.trainer()
+    train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed, dtype=dtype)
     dl = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=t.accelerator != "cpu")
-    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=False, **dl), DataLoader(val, **dl))
+    # A stateful loader: its position is saved in the checkpoint, so a resumed run goes on with the next window
+    # (Lightning restarts a plain DataLoader from its first batch).
+    resumed = stage.fit(trainer, module, StatefulDataLoader(train, shuffle=False, **dl), DataLoader(val, **dl))
     val_loss = evaluate_loss(module.model, val, cfg.batch_size, t.limit_val_batches)
+    if not math.isfinite(val_loss) or val_loss > 100:  # uniform over 2**20 tokens is 13.9 nats
+        raise ValueError(f"pretrain diverged: val_loss={val_loss:.4g} nats/token after {trainer.global_step} steps "
+                         f"(optim.lr={cfg.optim.lr}); lower optim.lr or raise optim.warmup_steps")
     metrics = {
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss),
