@@ -247,7 +247,7 @@ def parent_run(client, experiment_id: str, key: str, value: str, tags: dict[str,
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    keep = (key, "git_commit", "git_dirty", "dvc_exp_name", "stage" if role == "sweep" else "")
+    keep = (key, "git_commit", "git_dirty", "dvc_exp_name", *(("stage",) if role == "sweep" else ()))
     run = client.create_run(experiment_id, run_name=f"{role}-{Path(value).name}",
                             tags={"llmstages_role": role, key: value, **{k: tags[k] for k in keep if k in tags}})
     return run.info.run_id

@@ -175,21 +175,15 @@ class Stage:
         kwargs.update(overrides)
         return L.Trainer(**kwargs)
 
-    def resume_step(self) -> int:
-        """Optimizer steps done by the interrupted run this one resumes (0 when there is no checkpoint)."""
-        last = self.ckpt_dir / "last.ckpt"
-        if not last.is_file():
-            return 0
-        return int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
-
     def fit(self, trainer: L.Trainer, module: L.LightningModule, train_dl, val_dl=None) -> int:
         """Fit, resuming from ``ckpt_dir/last.ckpt`` when a previous run of the same config was interrupted.
 
         Returns the global step the run resumed from (0 for a fresh start).
         """
         last = self.ckpt_dir / "last.ckpt"
-        resumed = self.resume_step()
+        resumed = 0
         if last.is_file():
+            resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
             log.warning("%s: resuming from %s (step %d)", self.name, last, resumed)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.is_file() else None)
         return resumed
