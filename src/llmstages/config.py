@@ -47,6 +47,7 @@ class TrainerSchema:
     accumulate_grad_batches: int = 1
     checkpoint_every_n_steps: int = 100
     enable_progress_bar: bool = True
+    compile: bool = False  # torch.compile the training forward (pretrain, sft, reward); eager fallback on failure
     seed: int = 1234
 
 

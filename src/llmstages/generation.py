@@ -55,6 +55,14 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype when autocast is on for ``device_type`` (e.g. under Lightning's bf16-mixed), else None."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (AttributeError, TypeError):  # torch < 2.4 has per-device functions only
+        return None
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
             generator: torch.Generator | None) -> torch.Tensor:
     """Next ids ``(B,)`` from logits ``(B, V)``; ``temperature == 0`` is greedy."""
@@ -91,7 +99,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
     B, P = tokens.shape
     if P + max_new_tokens > model.cfg.max_seq_len:
         max_new_tokens = max(0, model.cfg.max_seq_len - P)
-    dtype = next(model.parameters()).dtype
+    dtype = _autocast_dtype(device.type) or next(model.parameters()).dtype  # the dtype keys/values come out in
     cache = KVCache(model.cfg, B, P + max_new_tokens, device, dtype)
     pos = positions_from_mask(mask)
     causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
@@ -113,11 +121,12 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
         out[rows, t] = nxt
         resp_mask[rows, t] = (~done).long()
         done |= nxt == eos_id
-        if bool(done.all()) or t == max_new_tokens - 1:
+        n_done = int(done.sum())  # the loop's one host synchronisation per token
+        if n_done == len(rows) or t == max_new_tokens - 1:
             finished[rows] = done
             out, resp_mask = out[:, : t + 1], resp_mask[:, : t + 1]
             break
-        if int(done.sum()) * 4 >= len(rows):  # drop finished rows so they stop costing compute
+        if n_done * 4 >= len(rows):  # drop finished rows so they stop costing compute
             finished[rows[done]] = True
             keep = ~done
             rows, nxt, next_pos, key_mask, done = rows[keep], nxt[keep], next_pos[keep], key_mask[keep], done[keep]

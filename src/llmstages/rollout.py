@@ -79,6 +79,12 @@ def response_logprobs(model: GPT, r: Rollout, value_head: ScalarHead | None = No
     return logp, logits, value_head(h).float()
 
 
+def outside_inference(out: dict) -> dict:
+    """The tensors of ``out`` copied out of inference mode: scoring runs under ``torch.inference_mode`` (no
+    autograd bookkeeping at all), and its results feed the policy update, which autograd may save."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
 RewardFn = Callable[["Rollout", list[str]], torch.Tensor]
 """A sequence reward: ``(rollout, reference answers) -> (B,)`` float scores, one per response."""
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +33,13 @@ log = logging.getLogger("llmstages")
 
 def adamw_with_schedule(params, lr: float, weight_decay: float, betas, eps: float, warmup_steps: int,
                         max_steps: int, min_lr_ratio: float):
-    """AdamW (foreach) + linear warmup then cosine decay to ``min_lr_ratio * lr`` at ``max_steps``.
+    """AdamW (multi-tensor ``foreach`` kernel) + linear warmup then cosine decay to ``min_lr_ratio * lr`` at
+    ``max_steps``. Optimizer state is kept in the parameters' dtype (float32 under mixed precision).
 
-    ``params`` are parameter groups (see :func:`llmstages.model.param_groups`). Returns Lightning's
-    ``{"optimizer", "lr_scheduler"}`` dict with a per-step schedule.
+    Not the fused kernel: Lightning refuses gradient clipping with an optimizer that unscales gradients itself
+    (fused AdamW) under mixed precision. ``params`` are parameter groups (see
+    :func:`llmstages.model.param_groups`). Returns Lightning's ``{"optimizer", "lr_scheduler"}`` dict with a
+    per-step schedule.
     """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, foreach=True)
 
@@ -79,6 +83,56 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     except OSError:
         return "32-true"
     return "bf16-mixed" if {"amx_bf16", "avx512_bf16"} & set(flags) else "32-true"
+
+
+class CompiledCall:
+    """``fn`` (a model or one of its methods) through ``torch.compile`` with ``backend``, falling back to ``fn``
+    itself with a warning when compiling is unavailable here or fails (at the first call, or at a recompile);
+    ``enabled=False`` calls ``fn``. An error that ``fn`` raises eagerly too (bad input) is raised.
+
+    Not an ``nn.Module``, so a LightningModule holding one keeps the model's own checkpoint keys.
+    """
+
+    def __init__(self, fn, enabled: bool, name: str = "model", backend="inductor") -> None:
+        self.fn, self.name, self.compiled = fn, name, None
+        if not enabled:
+            return
+        reason = compile_unavailable(backend)
+        if reason:
+            log.warning("trainer.compile: not compiling the %s (%s); running it eagerly", name, reason)
+            return
+        self.compiled = torch.compile(fn, backend=backend)
+        log.info("trainer.compile: compiling the %s with torch.compile (the first steps are slow)", name)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a compiler failure, unless the eager call raises too
+            out = self.fn(*args, **kwargs)
+            while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
+                err = inner  # the compiler's own error, under TorchDynamo's wrappers
+            log.warning("trainer.compile: torch.compile failed for the %s (%s: %s); running it eagerly",
+                        self.name, type(err).__name__, (str(err).strip().splitlines() or [""])[0])
+            self.compiled = None
+            return out
+
+
+def compile_unavailable(backend="inductor") -> str:
+    """Why ``torch.compile`` cannot help here (an empty string when it can): a Python version that TorchDynamo
+    does not support, or, for the default inductor backend on a machine without CUDA, no C++ compiler."""
+    try:
+        from torch._dynamo.eval_frame import is_dynamo_supported
+
+        if not is_dynamo_supported():
+            return f"TorchDynamo does not support Python {sys.version.split()[0]} on {sys.platform}"
+    except ImportError:
+        return "this torch build has no TorchDynamo"
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if backend == "inductor" and not torch.cuda.is_available() and not any(shutil.which(c) for c in compilers):
+        return "no C++ compiler found for the CPU backend: install g++ or set CXX"
+    return ""
 
 
 def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
@@ -235,11 +289,18 @@ class Stage:
 
 
 class StepBoundProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, minus the epoch bound in its title: runs here are bounded by
-    ``max_steps`` with ``max_epochs=-1``, which the stock bar shows as "Epoch 3/-2"."""
+    """Lightning's Rich progress bar, minus the epoch bound in its title (runs here are bounded by ``max_steps``
+    with ``max_epochs=-1``, which the stock bar shows as "Epoch 3/-2"), and with its metrics read only at the
+    trainer's log interval: reading them copies each logged tensor to the host, a device synchronisation that
+    the stock bar makes after every training step."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return f"Epoch {current_epoch}"
+
+    def _update_metrics(self, trainer, pl_module) -> None:
+        if trainer.training and trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        super()._update_metrics(trainer, pl_module)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -14,7 +14,8 @@ import torch
 
 from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
 from ..model import GPT, param_groups
-from ..rollout import PhaseTimer, RewardFn, penalised_rewards, response_logprobs, rollout_stats, sample
+from ..rollout import (PhaseTimer, RewardFn, outside_inference, penalised_rewards, response_logprobs, rollout_stats,
+                       sample)
 from .common import adamw_with_schedule, freeze, manual_step
 
 
@@ -41,13 +42,13 @@ class GRPOModule(L.LightningModule):
         with self.timer("generation"):
             r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"],
                        c["top_k"], c["top_p"])
-        with self.timer("scoring"):
+        with self.timer("scoring"), torch.inference_mode():
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)
             score = penalised_rewards(self.reward_fn, r, answers, c["missing_eos_penalty"])
             adv = group_advantages(score, G)
-        return dict(r=r, logp=logp, ref_logp=ref_logp, score=score, adv=adv,
-                    entropy=masked_mean(token_entropy(logits), r.mask))
+            entropy = masked_mean(token_entropy(logits), r.mask)
+        return dict(r=r, **outside_inference(dict(logp=logp, ref_logp=ref_logp, score=score, adv=adv, entropy=entropy)))
 
     def training_step(self, batch, batch_idx):
         c = self.c

@@ -18,8 +18,8 @@ import torch
 from ..losses import (adaptive_kl_coef, gae, kl_estimate, masked_mean, normalise_scores, ppo_policy_loss,
                       token_entropy, value_loss, whiten)
 from ..model import GPT, ScalarHead, param_groups
-from ..rollout import (PhaseTimer, RewardFn, penalised_rewards, response_hidden, response_logprobs, rollout_stats,
-                       sample)
+from ..rollout import (PhaseTimer, RewardFn, outside_inference, penalised_rewards, response_hidden, response_logprobs,
+                       rollout_stats, sample)
 from .common import adamw_with_schedule, freeze, manual_step
 
 
@@ -58,7 +58,7 @@ class PPOModule(L.LightningModule):
         with self.timer("generation"):
             r = sample(self.policy, [b["prompt_ids"] for b in batch], c["max_new_tokens"], self.eos_id, self.pad_id,
                        c["temperature"], c["top_k"], c["top_p"])
-        with self.timer("scoring"):
+        with self.timer("scoring"), torch.inference_mode():
             logp, logits, values = self.logprobs_and_values(r)
             ref_logp, _ = response_logprobs(self.reference, r)
             score = penalised_rewards(self.reward_fn, r, [b["answer"] for b in batch], c["missing_eos_penalty"])
@@ -72,8 +72,9 @@ class PPOModule(L.LightningModule):
             adv, returns = gae(rewards, values * r.mask, r.mask, c["gamma"], c["lam"])
             if c["whiten_advantages"]:
                 adv = whiten(adv, r.mask)
-        return dict(r=r, logp=logp, values=values, adv=adv, returns=returns, score=score, kl=kl.sum(1),
-                    entropy=masked_mean(token_entropy(logits), r.mask))
+            entropy = masked_mean(token_entropy(logits), r.mask)
+        return dict(r=r, **outside_inference(dict(logp=logp, values=values, adv=adv, returns=returns, score=score,
+                                                  kl=kl.sum(1), entropy=entropy)))
 
     def training_step(self, batch, batch_idx):
         c = self.c

@@ -22,21 +22,24 @@ from ..evaluation import probe_answers
 from ..losses import next_token_loss
 from ..model import GPT, GPTConfig, param_groups
 from ..tokenizer import load_tokenizer
-from .common import Stage, adamw_with_schedule, optim_kwargs, seed_everything
+from .common import CompiledCall, Stage, adamw_with_schedule, optim_kwargs, seed_everything
 
 
 class PretrainModule(L.LightningModule):
-    """Causal LM trained with next-token loss; ``bytes_per_token`` converts nats/token to bits/byte."""
+    """Causal LM trained with next-token loss; ``bytes_per_token`` converts nats/token to bits/byte; ``compile``
+    runs the training forward through ``torch.compile`` (see :class:`~llmstages.stages.common.CompiledCall`)."""
 
-    def __init__(self, model_cfg: GPTConfig, optim: dict, bytes_per_token: float, tokens_per_step: int) -> None:
+    def __init__(self, model_cfg: GPTConfig, optim: dict, bytes_per_token: float, tokens_per_step: int,
+                 compile: bool = False) -> None:
         super().__init__()
         self.model = GPT(model_cfg)
+        self.forward_fn = CompiledCall(self.model, compile)
         self.optim, self.bytes_per_token, self.tokens_per_step = optim, bytes_per_token, tokens_per_step
         self._t0: float | None = None
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) each
-        loss = next_token_loss(self.model(x), y)
+        loss = next_token_loss(self.forward_fn(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -50,7 +53,7 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        loss = next_token_loss(self.model(x), y)
+        loss = next_token_loss(self.forward_fn(x), y)
         self.log("val/loss", loss, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -95,7 +98,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                        dtype=dtype)
     bytes_per_token = meta["val_bytes"] / max(1, meta["val_tokens"])
     stage = Stage("pretrain", cfg, out_dir, inputs=[data_dir])
-    module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len)
+    module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len, t.compile)
     trainer = stage.trainer()
     train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed, dtype=dtype)
     dl = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=t.accelerator != "cpu")

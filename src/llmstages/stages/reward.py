@@ -21,19 +21,21 @@ from ..evaluation import probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
-from .common import Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
+from .common import CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
 
 
 class RewardModule(L.LightningModule):
-    """Scores ``(2B,)`` for a batch of chosen rows followed by rejected rows; loss ``-log σ(r_c - r_r)``."""
+    """Scores ``(2B,)`` for a batch of chosen rows followed by rejected rows; loss ``-log σ(r_c - r_r)``.
+    ``compile`` runs the model's hidden states through ``torch.compile``."""
 
-    def __init__(self, model: GPT, optim: dict) -> None:
+    def __init__(self, model: GPT, optim: dict, compile: bool = False) -> None:
         super().__init__()
         self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model), optim
+        self.hidden_fn = CompiledCall(model.hidden, compile)
 
     def scores(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reward ``(N,)`` of right-padded ``tokens``/``mask`` ``(N, T)``, read at the last real token."""
-        h = self.model.hidden(tokens)  # right padding: causal attention never sees the pads before the end
+        h = self.hidden_fn(tokens)  # right padding: causal attention never sees the pads before the end
         return self.head(h).gather(1, last_token_index(mask)[:, None]).squeeze(1)
 
     def _step(self, batch, prefix: str):
@@ -69,7 +71,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     probes = list(cfg.probes.prompts)  # answered by the SFT model, scored by the reward model once trained
     probe_texts, probe_gen = probe_answers(model, tok, probes, cfg.probes.max_new_tokens, chat=True)
     stage = Stage("reward", cfg, out_dir, inputs=[data_dir, init])
-    module = RewardModule(model, optim_kwargs(cfg))
+    module = RewardModule(model, optim_kwargs(cfg), cfg.trainer.compile)
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
     trainer = stage.trainer()

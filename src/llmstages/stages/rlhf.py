@@ -90,6 +90,8 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train the SFT policy with ``cfg.algorithm``; return held-out metrics of SFT and RLHF side by side."""
     seed_everything(cfg.trainer.seed)
+    if cfg.trainer.compile:
+        log.warning("trainer.compile: not used by rlhf (rollout shapes change every step); running eagerly")
     data_dir, sft_dir, rm_dir = Path(cfg.data_dir), Path(cfg.policy_from), Path(cfg.reward_from)
     policy, _, _ = load_output(sft_dir)
     reference, _, _ = load_output(sft_dir)

@@ -21,18 +21,20 @@ from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_an
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
+from .common import CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
 
 
 class SFTModule(L.LightningModule):
-    """Causal LM fine-tuned with the loss mask of the chat template (response tokens + EOS)."""
+    """Causal LM fine-tuned with the loss mask of the chat template (response tokens + EOS); ``compile`` runs
+    the forward through ``torch.compile``."""
 
-    def __init__(self, model: GPT, optim: dict) -> None:
+    def __init__(self, model: GPT, optim: dict, compile: bool = False) -> None:
         super().__init__()
         self.model, self.optim = model, optim
+        self.forward_fn = CompiledCall(model, compile)
 
     def _loss(self, batch):
-        logits = self.model(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
+        logits = self.forward_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
         return next_token_loss(logits, batch["targets"], batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
@@ -65,7 +67,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
-    module = SFTModule(model, optim_kwargs(cfg))
+    module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile)
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)

@@ -1,0 +1,106 @@
+"""What the speed work must not break: the FLOPs count behind MFU, torch.compile with its eager fallback, a
+help that imports no heavy library, and greedy generation with the KV cache equal to recomputing everything.
+
+Speed itself is measured by the scripts in benchmarks/, never here.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmstages.generation import generate, left_pad, positions_from_mask
+from llmstages.model import GPT, GPTConfig
+from llmstages.stages.common import CompiledCall
+from llmstages.stages.pretrain import PretrainModule
+
+from test_cli import run
+from conftest import TINY
+
+CFG = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64)
+
+
+def test_flops_per_token_by_hand():
+    # Per block: qkv 32*96 + proj 32*32 + gate_up 32*128 + down 64*32 = 10,240 weights; 2 blocks + LM head 64*32.
+    n = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 64 * 32) + 64 * 32
+    assert n == 22_528
+    assert GPT(GPTConfig(**CFG)).flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16 == 147_456
+
+
+def test_compiled_call_matches_eager_and_keeps_checkpoint_keys():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG)).eval()
+    x = torch.randint(0, 64, (2, 10))
+    call = CompiledCall(model, True, backend="eager")  # TorchDynamo tracing, no C++ build
+    assert call.compiled is not None
+    torch.testing.assert_close(call(x), model(x), rtol=0, atol=0)
+    keys = set(PretrainModule(GPTConfig(**CFG), {}, 1.0, 1, compile=False).state_dict())
+    assert set(PretrainModule(GPTConfig(**CFG), {}, 1.0, 1, compile=True).state_dict()) == keys
+    assert all(k.startswith("model.") for k in keys)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no code generator for this platform")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG)).eval()
+    x = torch.randint(0, 64, (2, 10))
+    call = CompiledCall(model, True, name="model", backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="llmstages"):
+        out = call(x)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    assert call.compiled is None
+    assert "torch.compile failed for the model" in caplog.text and "no code generator" in caplog.text
+    assert call(x).shape == (2, 10, 64)  # eager from now on
+
+
+def test_bad_input_under_compile_is_the_models_own_error(caplog):
+    model = GPT(GPTConfig(**CFG)).eval()
+    call = CompiledCall(model, True, backend="eager")
+    with caplog.at_level(logging.WARNING, logger="llmstages"), pytest.raises(ValueError, match="max_seq_len"):
+        call(torch.zeros(1, 65, dtype=torch.long))
+    assert "compile failed" not in caplog.text
+
+
+def test_pretrain_with_trainer_compile(tiny_run, tmp_path):
+    """The real inductor backend through the CLI: trains, learns as the eager run does, same checkpoint format."""
+    work, metrics = tiny_run
+    p = run(["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/compiled", "logger=none", *TINY["pretrain"],
+             "trainer.compile=true"], tmp_path)
+    import json
+
+    compiled = json.loads((tmp_path / "outputs/compiled/metrics.json").read_text())
+    assert compiled["steps"] == metrics["pretrain"]["steps"]
+    assert compiled["val_loss"] == pytest.approx(metrics["pretrain"]["val_loss"], abs=0.02)
+    assert "compile failed" not in p.stderr
+
+
+def test_help_imports_no_torch_lightning_or_trackers():
+    code = ("import sys, contextlib, io\nimport llmstages.cli as c\nsys.argv = ['llmstages', '--help']\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    c.main()\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'mlflow', 'wandb', 'hydra', 'dvc') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_kv_cache_greedy_equals_full_recompute():
+    """Greedy continuations with the cache (and left padding) equal those of rerunning the whole sequence."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**CFG)).eval()
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
+    g = generate(model, prompts, 20, eos_id=-1, pad_id=0, temperature=0.0)
+    tokens, mask = left_pad(prompts, 0)
+    with torch.inference_mode():
+        for _ in range(20):
+            T = tokens.shape[1]
+            attn = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+            attn |= torch.eye(T, dtype=torch.bool)[None]
+            logits = model(tokens, positions=positions_from_mask(mask), attn_mask=attn)[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], 1)
+    assert torch.equal(g.responses, tokens[:, g.prompt_len:])
