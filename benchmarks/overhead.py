@@ -1,0 +1,255 @@
+"""Benchmark: the fixed costs around the training: ``llmstages --help``, composing the config, a no-op ``dvc repro``.
+
+1. ``llmstages --help`` as a subprocess (the venv's console script): best and median wall time of ``--runs`` runs
+   after one untimed run, and, in a separate interpreter, which heavy packages importing ``llmstages.cli`` and
+   printing the help loads (none of torch, lightning, mlflow, wandb, hydra should be). PASS/FAIL: median < 1 s and
+   no heavy import.
+2. Composing ``conf/config.yaml`` with every stage section, as ``llmstages params`` does
+   (``llmstages.cli.compose_params``: Hydra compose, resolve, validate the five sections, write the YAML): in a
+   fresh interpreter (the imports, the first compose with the heavy packages it imports, then best/median of the
+   next calls, all in-process), and ``llmstages params -o <temp file>`` as a subprocess (never the repo's own
+   params.yaml).
+3. A no-op ``dvc repro``: a project copy built as the fixture of tests/test_pipeline_dvc.py does (conf, src,
+   dvc.yaml, .gitignore; ``git init``; ``dvc init``; ``dvc config hydra.enabled True``;
+   ``llmstages params +experiment=tiny``; commit), reproduced once (all five stages on the tiny preset: a minute
+   or two), then ``dvc repro`` again ``--dvc-runs`` times (3), each of which must run no stage. PASS/FAIL: median < 5 s.
+   The stages run the copy's own ``src`` (``PYTHONPATH``), so edits to the checkout while it runs do not leak in.
+   ``--dir DIR`` keeps the project in DIR, and a later run with the same DIR reuses it and skips the first repro.
+
+Subprocesses get the venv's ``bin`` first on ``PATH`` (``llmstages``, ``dvc``), as the tests' ``sh`` helper does.
+
+Example::
+
+    python benchmarks/overhead.py --skip-dvc               # --help and compose only (seconds)
+    python benchmarks/overhead.py --dir /tmp/llmstages-noop # all three; reuse /tmp/llmstages-noop next time
+    python benchmarks/overhead.py --runs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+HEAVY = ("torch", "lightning", "mlflow", "wandb", "hydra", "omegaconf", "dvc", "tokenizers", "numpy")
+MUST_NOT = ("torch", "lightning", "mlflow", "wandb", "hydra")  # the brief's list: what --help must not import
+HELP_LIMIT_S, NOOP_LIMIT_S = 1.0, 5.0
+PROJECT_FILES = ("conf", "src", "dvc.yaml", ".gitignore")
+
+
+def env(extra: dict | None = None) -> dict:
+    """The environment of every subprocess: the venv's bin first on PATH, a git identity."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "bench",
+            "GIT_AUTHOR_EMAIL": "bench@example.com", "GIT_COMMITTER_NAME": "bench",
+            "GIT_COMMITTER_EMAIL": "bench@example.com", **(extra or {})}
+
+
+def run(args: list[str], cwd: Path, extra_env: dict | None = None, check: bool = True) -> tuple[float, str, int]:
+    """Run ``args``; returns (wall seconds, stdout + stderr, exit code). Exits with the output's tail on failure
+    when ``check``."""
+    t0 = time.perf_counter()
+    p = subprocess.run(args, cwd=cwd, env=env(extra_env), capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    out = p.stdout + p.stderr
+    if check and p.returncode:
+        sys.exit(f"{' '.join(args)} failed ({p.returncode}) in {cwd}:\n{out[-3000:]}")
+    return dt, out, p.returncode
+
+
+def repeat(args: list[str], cwd: Path, n: int, extra_env: dict | None = None) -> list[float]:
+    run(args, cwd, extra_env)  # untimed: file cache, .pyc files
+    return [run(args, cwd, extra_env)[0] for _ in range(n)]
+
+
+def fmt(times: list[float]) -> str:
+    return f"best {min(times):.3f} s, median {statistics.median(times):.3f} s ({len(times)} runs)"
+
+
+def row(name: str, value: str) -> None:
+    print(f"  {name:<44} {value}")
+
+
+# --------------------------------------------------------------------------- 1. --help
+def bench_help(n: int) -> bool:
+    print("llmstages --help")
+    times = repeat([str(BIN / "llmstages"), "--help"], ROOT, n)
+    row("wall time (subprocess)", fmt(times))
+    probe = ("import io, json, sys, contextlib\n"
+             "import llmstages.cli as c\n"
+             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+             "    c.main(['--help'])\n"
+             f"print(json.dumps({{'usage': out.getvalue().startswith('usage: llmstages'), "
+             f"'loaded': [m for m in {HEAVY!r} if m in sys.modules], 'n': len(sys.modules)}}))\n")
+    _, out, _ = run([sys.executable, "-c", probe], ROOT)
+    info = json.loads(out.strip().splitlines()[-1])
+    bad = [m for m in info["loaded"] if m in MUST_NOT]
+    row("heavy modules imported by --help", ", ".join(info["loaded"]) or f"none ({info['n']} modules in all)")
+    _, imp, _ = run([sys.executable, "-X", "importtime", "-c", "import llmstages.cli"], ROOT)
+    timings = re.finditer(r"import time:\s+(\d+) \|\s+(\d+) \|(.*)", imp)
+    top = sorted(((int(m.group(2)), m.group(3).strip()) for m in timings), reverse=True)[:3]
+    row("largest imports of llmstages.cli (cumulative)", ", ".join(f"{name} {us / 1000:.0f} ms" for us, name in top))
+    ok = statistics.median(times) < HELP_LIMIT_S and not bad and info["usage"]
+    why = f"median {statistics.median(times):.3f} s" + (f", imports {', '.join(bad)}" if bad else "") + \
+        ("" if info["usage"] else ", no usage text")
+    print(f"{'PASS' if ok else 'FAIL'}: llmstages --help < {HELP_LIMIT_S:g} s without importing "
+          f"{'/'.join(MUST_NOT)} ({why})")
+    return ok
+
+
+# --------------------------------------------------------------------------- 2. compose
+def compose_worker(n: int) -> None:
+    """In a fresh interpreter (nothing imported yet): the compose timings as one JSON line on stdout."""
+    os.environ["LLMSTAGES_CONF"] = str(ROOT / "conf")
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        t0 = time.perf_counter()
+        import hydra  # noqa: F401
+        import omegaconf  # noqa: F401
+
+        from llmstages.cli import compose_params
+        res["import"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        compose_params([], out)
+        res["first"] = time.perf_counter() - t0
+        res["heavy"] = [m for m in HEAVY if m in sys.modules]
+        res["again"] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            compose_params([], out)
+            res["again"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        compose_params(["+experiment=tiny"], out)
+        res["tiny"] = time.perf_counter() - t0
+        res["size"], res["lines"] = out.stat().st_size, len(out.read_text().splitlines())
+    print(json.dumps(res))
+
+
+def bench_compose(n: int) -> None:
+    print("compose conf/config.yaml (all stages), as `llmstages params`")
+    _, out, _ = run([sys.executable, __file__, "--compose-worker", str(n)], ROOT)
+    res = json.loads(out.strip().splitlines()[-1])
+    row("import hydra + omegaconf + llmstages.cli", f"{res['import']:.3f} s (a fresh interpreter)")
+    row("first compose_params() (incl. lazy imports)", f"{res['first']:.3f} s; it imported "
+        + (", ".join(res["heavy"]) or "nothing heavy"))
+    row("compose_params() again, in-process", fmt(res["again"]))
+    row("compose_params(['+experiment=tiny'])", f"{res['tiny']:.3f} s")
+    row("params.yaml written", f"{res['size']:,} bytes, {res['lines']} lines")
+    with tempfile.TemporaryDirectory() as tmp:
+        times = repeat([str(BIN / "llmstages"), "params", "-o", str(Path(tmp) / "params.yaml")], ROOT, n)
+    row("llmstages params -o <temp> (subprocess)", fmt(times))
+
+
+# --------------------------------------------------------------------------- 3. dvc repro
+def make_project(repo: Path, overrides: list[str]) -> None:
+    """The project copy of tests/test_pipeline_dvc.py's ``repo`` fixture, with the tiny preset in params.yaml."""
+    repo.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name,
+                                                           **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                              if src.is_dir() else {}))
+    (repo / "outputs").mkdir()
+    (repo / "outputs/.gitkeep").touch()
+    pp = {"PYTHONPATH": str(repo / "src")}
+    for cmd in (["git", "init", "-q"], ["git", "config", "user.name", "bench"],
+                ["git", "config", "user.email", "bench@example.com"], ["dvc", "init", "-q"],
+                ["dvc", "config", "hydra.enabled", "True"], ["llmstages", "params", "+experiment=tiny", *overrides],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "tiny pipeline"]):
+        run(cmd, repo, pp)
+
+
+def ran_stages(log: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", log)
+
+
+def bench_dvc(n: int, folder: Path | None, keep: bool, overrides: list[str]) -> bool:
+    print("no-op dvc repro (tiny preset)")
+    repo = folder or Path(tempfile.mkdtemp(prefix="llmstages-bench-dvc-"))
+    pp = {"PYTHONPATH": str(repo / "src")}
+    reproduced = (repo / "dvc.lock").is_file() and (repo / "outputs/rlhf/metrics.json").is_file()
+    try:
+        if reproduced:
+            row("project", f"{repo} (reused: already reproduced)")
+        else:
+            if repo.exists() and any(repo.iterdir()) and not (repo / "dvc.yaml").is_file():
+                sys.exit(f"--dir {repo}: not empty and not a project made by this benchmark")
+            if not (repo / "dvc.yaml").is_file():
+                t0 = time.perf_counter()
+                make_project(repo, overrides)
+                row("project", f"{repo} (made in {time.perf_counter() - t0:.1f} s)")
+            print("  first dvc repro (all five stages) ...", flush=True)
+            dt, log, rc = run(["dvc", "repro"], repo, pp, check=False)
+            if rc:
+                print(f"FAIL: the first dvc repro failed ({rc}) after {dt:.0f} s:\n{log[-3000:]}")
+                return False
+            row("first dvc repro", f"{dt:.1f} s, stages run: {', '.join(ran_stages(log))}")
+        times, logs = [], []
+        for _ in range(n):
+            dt, log, _ = run(["dvc", "repro"], repo, pp)
+            times.append(dt)
+            logs.append(log)
+        reran = sorted({s for log in logs for s in ran_stages(log)})
+        last = [x.strip() for x in logs[-1].splitlines() if x.strip()][-1:] or [""]
+        row("no-op dvc repro", fmt(times) + f"; said: {last[0]!r}")
+        dt, _, _ = run(["dvc", "status"], repo, pp)
+        row("dvc status", f"{dt:.3f} s")
+        ok = statistics.median(times) < NOOP_LIMIT_S and not reran
+        why = f"median {statistics.median(times):.3f} s" + (f", but it ran {', '.join(reran)}" if reran else "")
+        print(f"{'PASS' if ok else 'FAIL'}: no-op dvc repro < {NOOP_LIMIT_S:g} s and runs no stage ({why})")
+        return ok
+    finally:
+        if folder is None and not keep:
+            shutil.rmtree(repo, ignore_errors=True)
+        else:
+            row("kept", f"{repo} (pass --dir {repo} to reuse it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs of --help, compose and params (default 5)")
+    ap.add_argument("--dvc-runs", type=int, default=3, help="timed no-op dvc repro runs (default 3)")
+    ap.add_argument("--skip-dvc", action="store_true", help="skip the dvc repro part (the slow one)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="project folder for the dvc part: made and kept there, or reused if already reproduced")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary project (without --dir)")
+    ap.add_argument("--params-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for `llmstages params +experiment=tiny` when making the project "
+                         "(repeatable), e.g. pretrain.trainer.precision=32-true")
+    ap.add_argument("--compose-worker", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.compose_worker:
+        compose_worker(args.compose_worker)
+        return 0
+
+    print(f"machine: {machine()}")
+    print(f"python:  {sys.executable} (Python {platform.python_version()})")
+    print()
+    results = [("llmstages --help < 1 s", bench_help(args.runs))]
+    print()
+    bench_compose(args.runs)
+    if not args.skip_dvc:
+        print()
+        folder = args.dir.resolve() if args.dir else None
+        results.append(("no-op dvc repro < 5 s", bench_dvc(args.dvc_runs, folder, args.keep, args.params_override)))
+    print()
+    print("summary: " + "; ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in results)
+          + ("" if not args.skip_dvc else "; no-op dvc repro: skipped"))
+    return 0 if all(ok for _, ok in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
