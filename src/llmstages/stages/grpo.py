@@ -48,7 +48,8 @@ class GRPOModule(L.LightningModule):
             score = penalised_rewards(self.reward_fn, r, answers, c["missing_eos_penalty"])
             adv = group_advantages(score, G)
             entropy = masked_mean(token_entropy(logits), r.mask)
-        return dict(r=r, **outside_inference(dict(logp=logp, ref_logp=ref_logp, score=score, adv=adv, entropy=entropy)))
+        scored = dict(logp=logp, ref_logp=ref_logp, score=score, adv=adv, entropy=entropy)
+        return dict(r=r, **outside_inference(scored))
 
     def training_step(self, batch, batch_idx):
         c = self.c

@@ -21,7 +21,8 @@ from ..evaluation import probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
-from .common import CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
+from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding,
+                     optim_kwargs, seed_everything)
 
 
 class RewardModule(L.LightningModule):

@@ -21,7 +21,8 @@ from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_an
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding, optim_kwargs, seed_everything
+from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding,
+                     optim_kwargs, seed_everything)
 
 
 class SFTModule(L.LightningModule):
