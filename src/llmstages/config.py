@@ -263,7 +263,8 @@ def validate(stage: str, cfg: DictConfig | dict, source: str = "config") -> Dict
         merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[stage]), cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {err.msg if hasattr(err, 'msg') else err}") from err
+        msg = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends full_key/object_type lines
+        raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}") from err
     _check_values(stage, merged, source)
     OmegaConf.set_readonly(merged, True)
     return merged

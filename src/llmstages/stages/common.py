@@ -303,6 +303,16 @@ class StepBoundProgressBar(RichProgressBar):
         super()._update_metrics(trainer, pl_module)
 
 
+def is_log_step(module: L.LightningModule) -> bool:
+    """Whether the logger writes this training step's metrics: the ``trainer.log_every_n_steps``-th optimizer
+    steps, and the last (``max_steps``). Call it in ``training_step`` before the optimizer step and log only
+    then: Lightning keeps only the last value of a step metric, and each ``self.log`` call costs about 1 ms of
+    Python on a CPU (a tenth of a ``tiny`` pretraining step)."""
+    trainer, step = module.trainer, module.global_step + 1
+    every = trainer.log_every_n_steps
+    return (every > 0 and step % every == 0) or step == trainer.max_steps
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -22,7 +22,7 @@ from ..evaluation import probe_answers
 from ..losses import next_token_loss
 from ..model import GPT, GPTConfig, param_groups
 from ..tokenizer import load_tokenizer
-from .common import CompiledCall, Stage, adamw_with_schedule, optim_kwargs, seed_everything
+from .common import CompiledCall, Stage, adamw_with_schedule, is_log_step, optim_kwargs, seed_everything
 
 
 class PretrainModule(L.LightningModule):
@@ -40,7 +40,8 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) each
         loss = next_token_loss(self.forward_fn(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        if is_log_step(self):
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -21,7 +21,7 @@ from ..evaluation import probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
-from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding,
+from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, log_encoding,
                      optim_kwargs, seed_everything)
 
 
@@ -43,9 +43,10 @@ class RewardModule(L.LightningModule):
         r = self.scores(batch["tokens"], batch["mask"])
         chosen, rejected = r.chunk(2)
         loss = bradley_terry_loss(chosen, rejected)
-        self.log(f"{prefix}/loss", loss, prog_bar=True)
-        self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
-        self.log(f"{prefix}/margin", (chosen - rejected).mean())
+        if prefix == "val" or is_log_step(self):
+            self.log(f"{prefix}/loss", loss, prog_bar=True)
+            self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
+            self.log(f"{prefix}/margin", (chosen - rejected).mean())
         return loss
 
     def training_step(self, batch, batch_idx):

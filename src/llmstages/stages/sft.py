@@ -21,7 +21,7 @@ from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_an
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, log_encoding,
+from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, log_encoding,
                      optim_kwargs, seed_everything)
 
 
@@ -40,7 +40,8 @@ class SFTModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
+        if is_log_step(self):
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
