@@ -151,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         args.new_tokens = [n for n in args.new_tokens if n <= 128] or [32, 128]
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name, values in (("--new-tokens", args.new_tokens), ("--batch-sizes", args.batch_sizes),
+                         ("--prompt-len", args.prompt_len)):
+        if min(values) < 1:
+            ap.error(f"{name} {' '.join(map(str, values))}: every value must be >= 1")
+    if args.prompt_len[0] > args.prompt_len[1] or args.repeats < 1:
+        ap.error("--prompt-len MIN must be <= MAX, and --repeats >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
     need = args.prompt_len[1] + max(args.new_tokens)
     if need > args.max_seq_len:
         ap.error(f"--max-seq-len {args.max_seq_len} < longest prompt + new tokens = {need}")

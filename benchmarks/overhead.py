@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(repeatable), e.g. pretrain.trainer.precision=32-true")
     ap.add_argument("--compose-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.runs < 1 or args.dvc_runs < 1:
+        ap.error("--runs and --dvc-runs must be >= 1")
     if args.compose_worker:
         compose_worker(args.compose_worker)
         return 0

@@ -49,6 +49,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("generation", "scoring", "optimisation")
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 def compose(conf: Path, overrides: list[str]):
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="Hydra overrides of conf/config.yaml, e.g. rlhf.ppo.rollout_batch_size=64 pretrain.model=tiny")
     ap.add_argument("--iterations", type=int, default=3, help="measured iterations, averaged (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="iterations run first and left out (default 1)")
-    ap.add_argument("--precision", default=None,
+    ap.add_argument("--precision", default=None, choices=PRECISIONS,
                     help="Lightning precision (default: rlhf.trainer.precision, 'auto' resolved by "
                          "resolve_precision: bf16-mixed with AMX / AVX-512 BF16, else 32-true)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's own choice)")
@@ -151,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         full = compose(args.conf.resolve(), args.overrides)
+        extra = set(full) - set(compose(args.conf.resolve(), []))
+        if extra:  # e.g. +trainer.compile=true: a new top-level section that no stage reads
+            key = sorted(extra)[0]
+            sys.exit(f"rlhf benchmark: override adds top-level key {key!r}, which no stage reads; the rlhf stage's "
+                     f"settings are under rlhf., e.g. rlhf.{key}...")
         cfg = validate("rlhf", full.rlhf, source="composed config")
         model_cfg = validate("pretrain", full.pretrain, source="composed config").model
     except ConfigError as err:
