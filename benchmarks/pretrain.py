@@ -265,7 +265,7 @@ def check(fails: list, name: str, ok: bool, text: str) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Example::")[1],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="examples:" + __doc__.split("Example::")[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default=None,
                     help=f"comma-separated, of {', '.join(PRESETS)} (default: all; tiny,small with --quick)")
@@ -289,6 +289,8 @@ def main() -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             ap.error(f"unknown {name} {bad[0] if bad else ''!r}; expected one of {', '.join(allowed)}")
+    if args.quick:
+        args.curve_steps = min(args.curve_steps, 30)
     if args.steps < 0 or args.rounds < 0 or args.curve_steps < 0:
         ap.error("--steps, --rounds and --curve-steps must be >= 0")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
