@@ -277,7 +277,7 @@ def main() -> int:
     ap.add_argument("--curve-steps", type=int, default=CURVE_STEPS, help="fp32 vs bf16 curve length (0: skip)")
     ap.add_argument("--compile", action="store_true", help="also measure Lightning with torch.compile")
     ap.add_argument("--quick", action="store_true",
-                    help="a third of the steps, 3 rounds, 30-step curves; tiny and small unless --presets")
+                    help="half the steps, 3 rounds, 30-step curves; tiny and small unless --presets")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -308,7 +308,7 @@ def main() -> int:
         print(f"data: 2,000,000 synthetic tokens (Markov chain, entropy rate {entropy:.2f} nats/token), memory-mapped")
         for preset in presets:
             batch, seq_len, steps, warmup, rounds = PRESETS[preset]
-            steps = args.steps or (max(2, steps // 3) if args.quick else steps)
+            steps = args.steps or (max(4, steps // 2) if args.quick else steps)
             rounds = args.rounds or (min(rounds, 3) if args.quick else rounds)
             job = dict(mode="rounds", preset=preset, precisions=precisions, device=args.device, tokens=str(tokens),
                        steps=warmup + steps, warmup=warmup, rounds=rounds, compile=args.compile,
@@ -359,6 +359,8 @@ def main() -> int:
           " a separate 2-step run)")
 
     print()
+    if args.quick:
+        print("(--quick: few steps and rounds, so the verdicts below are indicative; run without --quick for them)")
     for r in rows:
         check(fails, f"Lightning {r['preset']}/{r['precision']}", median(r["ratio"]) >= 0.95,
               f"Lightning at most 5% slower than the bare loop at {r['preset']}/{r['precision']}: "
