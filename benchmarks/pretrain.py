@@ -238,7 +238,7 @@ def worker(job: dict) -> dict:
                 lightning_loop(tokens, preset, precision, steps + 2, warmup + 2, device, compile=True)[0])
     model = GPT(model_config(preset))
     return {"runs": out, "params": model.num_params(non_embedding=False),
-            "flops_per_token": model.flops_per_token(PRESETS[preset][1]), "threads": torch.get_num_threads()}
+            "flops_per_token": model.flops_per_token(PRESETS[preset][1])}
 
 
 def run_worker(job: dict) -> dict:

@@ -298,7 +298,7 @@ class StepBoundProgressBar(RichProgressBar):
         return f"Epoch {current_epoch}"
 
     def _update_metrics(self, trainer, pl_module) -> None:
-        if trainer.training and trainer.global_step % max(1, trainer.log_every_n_steps):
+        if trainer.training and not _writes_step(trainer, trainer.global_step):
             return
         super()._update_metrics(trainer, pl_module)
 
@@ -308,7 +308,11 @@ def is_log_step(module: L.LightningModule) -> bool:
     steps, and the last (``max_steps``). Call it in ``training_step`` before the optimizer step and log only
     then: Lightning keeps only the last value of a step metric, and each ``self.log`` call costs about 1 ms of
     Python on a CPU (a tenth of a ``tiny`` pretraining step)."""
-    trainer, step = module.trainer, module.global_step + 1
+    return _writes_step(module.trainer, module.global_step + 1)
+
+
+def _writes_step(trainer: L.Trainer, step: int) -> bool:
+    """Whether the logger writes the metrics of optimizer step ``step`` (counted from 1)."""
     every = trainer.log_every_n_steps
     return (every > 0 and step % every == 0) or step == trainer.max_steps
 
