@@ -8,6 +8,8 @@ For each model preset (``conf/model/<name>.yaml``) and precision (fp32 = ``train
 - **bare**: a plain PyTorch loop (no Lightning, Hydra or logger) with the same optimizer, schedule, clipping
   and loader.
 
+Both run with the host-allocator setting every stage run makes (``stages.common.keep_freed_host_memory``).
+
 Batches are random windows of a memory-mapped synthetic token file (``TokenWindows``, as the stage reads
 ``train.bin``): a sparse first-order Markov chain over a 4,096-token vocabulary, which a model can learn
 (its entropy is printed), so the loss curves mean something. Tokens/s is measured over the steps after the
@@ -213,8 +215,10 @@ def worker(job: dict) -> dict:
     import torch
 
     from llmstages.model import GPT
+    from llmstages.stages.common import keep_freed_host_memory
 
     quiet()
+    keep_freed_host_memory()  # as every stage run does (Stage): both loops get it
     preset, device, tokens = job["preset"], job["device"], Path(job["tokens"])
     steps, warmup, precisions = job["steps"], job["warmup"], job["precisions"]
     if job["mode"] == "curves":
