@@ -17,7 +17,8 @@ config can follow the options, e.g. ``rlhf.ppo.rollout_batch_size=64`` or ``pret
 
 A real ``lightning.Trainer`` runs the module (accelerator and precision from ``rlhf.trainer``: ``auto`` is what
 ``resolve_precision`` picks, bf16-mixed on CPUs with AMX or AVX-512 BF16; ``--precision`` overrides it) with no
-logger, checkpoint or progress bar, for ``--warmup`` + ``--iterations`` iterations (``max_steps`` counts optimizer
+logger, checkpoint or progress bar (and the host-allocator setting of every stage run,
+``keep_freed_host_memory``), for ``--warmup`` + ``--iterations`` iterations (``max_steps`` counts optimizer
 steps: ppo_epochs * rollout_batch_size / minibatch_size per iteration). The module's own ``PhaseTimer`` splits
 each iteration; the warm-up iterations are left out and the measured ones averaged. "other" is the rest of the
 training step (statistics, ``log_dict``) and of the Trainer's loop between steps (data loading, hooks).
@@ -138,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     from llmstages.config import ConfigError, validate
     from llmstages.data.build import arithmetic_qa
     from llmstages.model import GPT, GPTConfig, ScalarHead
-    from llmstages.stages.common import resolve_precision, seed_everything
+    from llmstages.stages.common import keep_freed_host_memory, resolve_precision, seed_everything
     from llmstages.stages.rlhf import build
     from llmstages.tokenizer import train_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_host_memory()  # as the stage's run does
     for msg in (".*treespec.*", ".*module\\(s\\) in eval mode.*", ".*set_vital.*", ".*does not have many workers.*",
                 ".*ModelCheckpoint with manual optimization.*"):
         warnings.filterwarnings("ignore", message=msg)
