@@ -169,15 +169,14 @@ def keep_freed_host_memory() -> bool:
     """
     global _ALLOCATOR_TUNED
     import ctypes
-    import platform
 
     if _ALLOCATOR_TUNED:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
     try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return False
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), no such name, no such library
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
