@@ -63,6 +63,14 @@ def test_bad_value_names_the_key():
         validate("rlhf", compose("rlhf", ["ppo.kl_estimator=k9"]))
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
+def test_bad_precision_is_refused_before_training(stage):
+    with pytest.raises(ConfigError, match=rf"{stage}\.trainer\.precision: unknown value 'fp8'"):
+        validate(stage, compose(stage, ["trainer.precision=fp8"]))
+    for ok in ("auto", "32-true", "bf16-mixed", "32"):
+        assert validate(stage, compose(stage, [f"trainer.precision={ok}"])).trainer.precision == ok
+
+
 @pytest.mark.parametrize("override,key", [("algorithm=reinforce", "rlhf.algorithm"), ("grpo.group_size=1", "grpo.group_size"),
                                           ("grpo.minibatch_size=5", "grpo.minibatch_size"), ("dpo.beta=0", "dpo.beta"),
                                           ("ppo.reward=length", "ppo.reward"), ("ppo.kl_target=-1", "ppo.kl_target"),
@@ -74,6 +82,7 @@ def test_bad_value_names_the_key():
                                           ("dpo.label_smoothing=1.5", "dpo.label_smoothing"),
                                           ("eval_max_new_tokens=0", "eval_max_new_tokens"),
                                           ("trainer.max_steps=10", "trainer.max_steps"),
+                                          ("trainer.precision=fp8", "trainer.precision"),
                                           ("probes.max_new_tokens=0", "probes.max_new_tokens"),
                                           ("objective.direction=sideways", "objective.direction")])
 def test_bad_rlhf_settings_name_the_key(override, key):

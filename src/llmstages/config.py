@@ -20,6 +20,9 @@ STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
 CORPUS_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # data.data.corpus_format
 DIRECTIONS = ("minimize", "maximize")  # objective.direction
+# trainer.precision: "auto" (resolve_precision) and the values Lightning's Trainer accepts
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
+              "transformer-engine-float16", "32", "16", "bf16", "64")
 
 
 @dataclass
@@ -278,6 +281,9 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if "trainer" in cfg and cfg.trainer.max_steps <= 0:
         bad("trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
+    if "trainer" in cfg and str(cfg.trainer.precision) not in PRECISIONS:
+        bad("trainer.precision", f"unknown value {cfg.trainer.precision!r}; expected auto, 32-true, bf16-mixed, "
+            "16-mixed, bf16-true, 16-true or 64-true (transformer-engine on GPUs with it installed)")
     if cfg.objective.direction not in DIRECTIONS:
         bad("objective.direction", f"expected minimize or maximize, got {cfg.objective.direction!r}")
     if not cfg.objective.metric:
