@@ -1,5 +1,6 @@
 """What the speed work must not break: the FLOPs count behind MFU, torch.compile with its eager fallback, a
-help that imports no heavy library, host memory reused across steps, and greedy generation with the KV cache equal to recomputing everything.
+help that imports no heavy library, host memory reused across steps, and greedy generation with the KV cache
+equal to recomputing everything.
 
 Speed itself is measured by the scripts in benchmarks/, never here.
 """
