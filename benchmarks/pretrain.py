@@ -12,17 +12,23 @@ Both run with the host-allocator setting every stage run makes (``stages.common.
 
 Batches are random windows of a memory-mapped synthetic token file (``TokenWindows``, as the stage reads
 ``train.bin``): a sparse first-order Markov chain over a 4,096-token vocabulary, which a model can learn
-(its entropy is printed), so the loss curves mean something. Tokens/s is measured over the steps after the
-warm-up, loading included, from the median step time on the CPU (see ``throughput``). MFU = training FLOPs
-per token (``GPT.flops_per_token``: 6N + 12LDT, PaLM appendix B) x tokens/s / the matrix-multiply peak of
-that dtype (``common.matmul_peak``).
+(its entropy is printed), so the loss curves mean something. MFU = training FLOPs per token
+(``GPT.flops_per_token``: 6N + 12LDT, PaLM appendix B) x tokens/s / the matrix-multiply peak of that dtype
+(``common.matmul_peak``).
 
-A shared machine's speed drifts by more than the effects measured here, so each preset runs in **rounds**
-in one process: every round measures the bf16 and fp32 matrix-multiply peaks, then runs bare and Lightning in
-each precision, the order alternating between rounds. Every ratio (Lightning/bare, bf16/fp32, MFU) is taken
-within a round, from runs seconds apart, and the median over the rounds is reported with its range. Peak memory
-comes from a separate two-step Lightning run per preset and precision (the process's peak resident set on the
-CPU, peak allocated memory on CUDA).
+A shared machine's speed drifts by more than the effects measured here, so the two loops run **interleaved**
+in one process: one bare step between each two Lightning steps (the bare loop runs inside a timing callback,
+and its time is subtracted from the Lightning step it interrupted), so both see the same machine from one step
+to the next. Each step is timed from its start to the next one's, loading its batch and every hook included,
+and ends with a GPU synchronisation in both loops alike. Tokens/s comes from the median step time (which
+ignores the steps slowed by another process); Lightning/bare and Lightning's extra milliseconds per step come
+from the total times of the same steps (so the log-interval steps, where Lightning does more, count).
+
+Each preset runs in **rounds** in one process: every round measures the bf16 and fp32 matrix-multiply peaks,
+then runs the interleaved pair in each precision, the order of the precisions alternating between rounds.
+Every ratio (Lightning/bare, bf16/fp32, MFU) is taken within a round, and the median over the rounds is
+reported with its range. Peak memory comes from a separate two-step Lightning run per preset and precision (the
+process's peak resident set on the CPU, peak allocated memory on CUDA).
 
 Then, at the ``small`` preset, 100 steps in fp32 and in bf16 from the same weights and batches: both loss
 curves and their largest gap (means over 10 steps) are printed.
@@ -42,6 +48,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import resource
@@ -110,19 +117,16 @@ def loader(tokens: Path, preset: str, steps: int, device: str):
     return StatefulDataLoader(data, batch_size=batch, shuffle=False, pin_memory=device != "cpu")
 
 
-def throughput(stamps: list, preset: str, device: str) -> float:
-    """Tokens/s from the wall-clock times at which each measured step began, plus the end of the last one. On
-    the CPU (where every op has finished when it returns): tokens per step / the median step time, which
-    ignores the slow steps when another process takes the cores; on a GPU (asynchronous, so only the whole
-    span is honest): all tokens / the whole span."""
+def throughput(seconds: list, preset: str) -> float:
+    """Tokens/s from the measured steps' wall times: tokens per step / the median step time, which ignores the
+    slow steps when another process takes the cores."""
     batch, seq_len = PRESETS[preset][:2]
-    if device == "cpu":
-        return batch * seq_len / float(np.median(np.diff(stamps)))
-    return (len(stamps) - 1) * batch * seq_len / (stamps[-1] - stamps[0])
+    return batch * seq_len / float(np.median(seconds))
 
 
-def bare_loop(tokens: Path, preset: str, precision: str, steps: int, warmup: int, device: str) -> tuple[float, list]:
-    """Tokens/s over the steps after ``warmup``, and the per-step losses, of a plain PyTorch training loop."""
+def bare_steps(tokens: Path, preset: str, precision: str, steps: int, device: str):
+    """A plain PyTorch training loop, one step per ``next()``: yields the step's wall time in seconds (loading
+    its batch included, queued GPU work waited for) and its loss (a detached 0-d tensor)."""
     import torch
 
     from llmstages.losses import next_token_loss
@@ -135,12 +139,10 @@ def bare_loop(tokens: Path, preset: str, precision: str, steps: int, warmup: int
     opt_sched = adamw_with_schedule(param_groups(model, o["weight_decay"]), **o)
     opt, sched = opt_sched["optimizer"], opt_sched["lr_scheduler"]["scheduler"]
     dev_type = torch.device(device).type
-    losses, stamps = [], []
-    for i, (x, y) in enumerate(loader(tokens, preset, steps, device)):
-        if i == warmup:
-            sync(device)
-        if i >= warmup:
-            stamps.append(time.perf_counter())
+    batches = iter(loader(tokens, preset, steps, device))
+    for _ in range(steps):
+        start = time.perf_counter()
+        x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = next_token_loss(model(x), y)
@@ -149,48 +151,71 @@ def bare_loop(tokens: Path, preset: str, precision: str, steps: int, warmup: int
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    sync(device)
-    stamps.append(time.perf_counter())
-    return throughput(stamps, preset, device), [float(v) for v in losses]
+        sync(device)
+        yield time.perf_counter() - start, loss.detach()
 
 
 def lightning_loop(tokens: Path, preset: str, precision: str, steps: int, warmup: int, device: str,
-                   compile: bool = False) -> tuple[float, list]:
-    """The same with the pretrain stage's ``PretrainModule`` in a ``lightning.Trainer``."""
+                   compile: bool = False, paired: bool = False) -> dict:
+    """Train ``steps`` steps with the pretrain stage's ``PretrainModule`` in a ``lightning.Trainer``; return the
+    wall times in seconds of the steps after ``warmup`` (``"lightning"``) and the losses of all steps.
+
+    ``paired``: the bare loop (:func:`bare_steps`, same weights, batches and schedule) runs in the same process,
+    one bare step between each two Lightning steps, so both see the same machine from second to second; its
+    step times and losses come back as ``"bare"`` and ``"bare_losses"``. A Lightning step is timed from one
+    ``on_train_batch_start`` to the next (so it includes loading its batch and every hook), minus the bare step
+    run in between; each step ends with a GPU synchronisation, in both loops alike.
+    """
     import lightning as L
     import torch
 
     from llmstages.stages.pretrain import PretrainModule
 
+    bare = bare_steps(tokens, preset, precision, steps, device) if paired else None
+
     class StepTimer(L.Callback):
         def __init__(self) -> None:
-            self.stamps: list = []
+            self.times: list = []
+            self.bare: list = []
+            self.bare_losses: list = []
             self.losses: list = []
+            self.end = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == warmup:
-                sync(device)
-            if trainer.global_step >= warmup:
-                self.stamps.append(time.perf_counter())
+            sync(device)
+            step = trainer.global_step  # steps done; the one that ended here is step - 1
+            if warmup < step <= steps:
+                self.times.append(time.perf_counter() - self.end)
+            if bare is not None and step < steps:
+                assert torch.is_grad_enabled() and not torch.is_autocast_enabled(torch.device(device).type)
+                seconds, loss = next(bare)
+                self.bare_losses.append(loss)
+                if step >= warmup:
+                    self.bare.append(seconds)
+            self.end = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.losses.append(outputs["loss"].detach())
-            if trainer.global_step == steps:
-                sync(device)
-                self.stamps.append(time.perf_counter())
+            if len(self.losses) < steps:
+                self.losses.append(outputs["loss"].detach())
 
     torch.manual_seed(0)
     batch, seq_len = PRESETS[preset][:2]
     module = PretrainModule(model_config(preset), optim(steps), 1.0, batch * seq_len, compile=compile)
     timer = StepTimer()
+    # One step more than timed: the last timed step ends at the next step's on_train_batch_start.
     trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1,
-                        precision=PRECISION[precision], max_steps=steps, max_epochs=-1, gradient_clip_val=1.0,
+                        precision=PRECISION[precision], max_steps=steps + 1, max_epochs=-1, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                         log_every_n_steps=10, callbacks=[timer])  # conf/trainer/cpu.yaml's interval
-    trainer.fit(module, loader(tokens, preset, steps, device))
-    return throughput(timer.stamps, preset, device), [float(v) for v in timer.losses]
+    trainer.fit(module, loader(tokens, preset, steps + 1, device))
+    out = {"lightning": timer.times, "losses": [float(v) for v in timer.losses]}
+    if paired:
+        out.update(bare=timer.bare, bare_losses=[float(v) for v in timer.bare_losses])
+        bare.close()  # frees the bare model and optimizer now
+    del trainer, module, timer
+    gc.collect()  # the Trainer and module hold each other: free both before the next run builds its own
+    return out
 
 
 def peak_memory_mb(device: str) -> float:
@@ -222,24 +247,26 @@ def worker(job: dict) -> dict:
     preset, device, tokens = job["preset"], job["device"], Path(job["tokens"])
     steps, warmup, precisions = job["steps"], job["warmup"], job["precisions"]
     if job["mode"] == "curves":
-        return {p: lightning_loop(tokens, preset, p, steps, 0, device)[1] for p in ("fp32", "bf16")}
+        return {p: lightning_loop(tokens, preset, p, steps, 0, device)["losses"] for p in ("fp32", "bf16")}
     if job["mode"] == "memory":
         lightning_loop(tokens, preset, precisions[0], steps, warmup, device)
         return {"peak_mb": peak_memory_mb(device)}
-    out = {p: {"bare": [], "lightning": [], "compiled": [], "peak": []} for p in precisions}
+    out = {p: {"bare": [], "lightning": [], "ratio": [], "cost_ms": [], "compiled": [], "peak": []} for p in precisions}
     for r in range(job["rounds"]):
         for precision in (precisions if r % 2 == 0 else precisions[::-1]):
             o = out[precision]
             o["peak"].append(matmul_peak(getattr(torch, DTYPE[precision]), device, seconds=job["peak_seconds"]))
-            for kind in (("bare", "lightning") if r % 2 == 0 else ("lightning", "bare")):
-                run = bare_loop if kind == "bare" else lightning_loop
-                tps, losses = run(tokens, preset, precision, steps, warmup, device)
-                o[kind].append(tps)
-                o[f"loss_{kind}"] = losses[-1]
+            run = lightning_loop(tokens, preset, precision, steps, warmup, device, paired=True)
+            o["bare"].append(throughput(run["bare"], preset))
+            o["lightning"].append(throughput(run["lightning"], preset))
+            # Over the same interleaved steps, log-interval steps included: total times and the mean difference.
+            o["ratio"].append(sum(run["bare"]) / sum(run["lightning"]))
+            o["cost_ms"].append(1e3 * (sum(run["lightning"]) - sum(run["bare"])) / len(run["bare"]))
+            o["loss_bare"], o["loss_lightning"] = run["bare_losses"][-1], run["losses"][-1]
     if job["compile"]:
         for precision in precisions:
-            out[precision]["compiled"].append(
-                lightning_loop(tokens, preset, precision, steps + 2, warmup + 2, device, compile=True)[0])
+            run = lightning_loop(tokens, preset, precision, steps + 2, warmup + 2, device, compile=True)
+            out[precision]["compiled"].append(throughput(run["lightning"], preset))
     model = GPT(model_config(preset))
     return {"runs": out, "params": model.num_params(non_embedding=False),
             "flops_per_token": model.flops_per_token(PRESETS[preset][1])}
@@ -326,7 +353,7 @@ def main() -> int:
                            rounds=rounds, params=r["params"], flops_per_token=r["flops_per_token"],
                            bare=median(runs["bare"]), lightning=median(runs["lightning"]),
                            compiled=median(runs["compiled"]) if runs["compiled"] else None,
-                           ratio=[a / b for a, b in zip(runs["lightning"], runs["bare"])],
+                           ratio=runs["ratio"], cost_ms=runs["cost_ms"],
                            mfu=[r["flops_per_token"] * t / p for t, p in zip(runs["lightning"], runs["peak"])],
                            peak=runs["peak"], light_runs=runs["lightning"], peak_mb=mem["peak_mb"],
                            loss_bare=runs["loss_bare"], loss_lightning=runs["loss_lightning"])
@@ -342,25 +369,26 @@ def main() -> int:
 
     print()
     head = ["preset", "params", "batch x seq", "precision", "bare tok/s", "Lightning tok/s", "Lightning/bare",
-            "GFLOP/s", "peak GFLOP/s", "MFU", "peak MB", "final loss bare / Lightning"]
+            "Lightning ms/step more", "GFLOP/s", "peak GFLOP/s", "MFU", "peak MB", "final loss bare / Lightning"]
     if args.compile:
-        head.insert(7, "compiled tok/s")
+        head.insert(8, "compiled tok/s")
     table = []
     for r in rows:
         line = [r["preset"], f"{r['params'] / 1e6:.1f}M", f"{r['batch']} x {r['seq_len']}", r["precision"],
-                f"{r['bare']:,.0f}", f"{r['lightning']:,.0f}", spread(r["ratio"]),
+                f"{r['bare']:,.0f}", f"{r['lightning']:,.0f}", spread(r["ratio"]), spread(r["cost_ms"], ".2f"),
                 f"{r['flops_per_token'] * r['lightning'] / 1e9:,.0f}", f"{median(r['peak']) / 1e9:,.0f}",
                 spread([100 * m for m in r["mfu"]], ".1f") + "%", f"{r['peak_mb']:,.0f}",
                 f"{r['loss_bare']:.4f} / {r['loss_lightning']:.4f}"]
         if args.compile:
-            line.insert(7, f"{r['compiled']:,.0f} ({r['compiled'] / r['lightning']:.2f}x)")
+            line.insert(8, f"{r['compiled']:,.0f} ({r['compiled'] / r['lightning']:.2f}x)")
         table.append(line)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     for line in [head, *table]:
         print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
-    print("(medians over the rounds, range in brackets; ratios and MFU taken within each round; MFU of the Lightning"
-          " run against\nthe peak of its dtype measured in the same round; tokens/s include data loading; peak MB from"
-          " a separate 2-step run)")
+    print("(medians over the rounds, range in brackets; tokens/s from the median step time, data loading included;"
+          " Lightning/bare\nand ms/step from the total times of the same interleaved steps, log-interval steps included;"
+          " MFU of the Lightning\nrun against the peak of its dtype measured in the same round; peak MB from a separate"
+          " 2-step run)")
 
     print()
     if args.quick:
@@ -368,7 +396,7 @@ def main() -> int:
     for r in rows:
         check(fails, f"Lightning {r['preset']}/{r['precision']}", median(r["ratio"]) >= 0.95,
               f"Lightning at most 5% slower than the bare loop at {r['preset']}/{r['precision']}: "
-              f"{spread(r['ratio'])}")
+              f"{spread(r['ratio'])} ({median(r['cost_ms']):.2f} ms more per step)")
     by = {(r["preset"], r["precision"]): r for r in rows}
     if ("small", "fp32") in by and ("small", "bf16") in by:
         speedup = [b / f for b, f in zip(by["small", "bf16"]["light_runs"], by["small", "fp32"]["light_runs"])]
