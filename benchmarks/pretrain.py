@@ -18,14 +18,14 @@ Batches are random windows of a memory-mapped synthetic token file (``TokenWindo
 
 A shared machine's speed drifts by more than the effects measured here, so the two loops run **interleaved**
 in one process: one bare step between each two Lightning steps (the bare loop runs inside a timing callback,
-and its time is subtracted from the Lightning step it interrupted), so both see the same machine from one step
+and the Lightning step's clock restarts after it), so both see the same machine from one step
 to the next. Each step is timed from its start to the next one's, loading its batch and every hook included,
 and ends with a GPU synchronisation in both loops alike. Tokens/s comes from the median step time (which
 ignores the steps slowed by another process); Lightning/bare and Lightning's extra milliseconds per step come
 from the total times of the same steps (so the log-interval steps, where Lightning does more, count).
 
-Each preset runs in **rounds** in one process: every round measures the bf16 and fp32 matrix-multiply peaks,
-then runs the interleaved pair in each precision, the order of the precisions alternating between rounds.
+Each preset runs in **rounds** in one process: in every round, for each precision (the order alternating
+between rounds), the matrix-multiply peak of that dtype is measured, then the interleaved pair runs.
 Every ratio (Lightning/bare, bf16/fp32, MFU) is taken within a round, and the median over the rounds is
 reported with its range. Peak memory comes from a separate two-step Lightning run per preset and precision (the
 process's peak resident set on the CPU, peak allocated memory on CUDA).
@@ -308,18 +308,20 @@ def main() -> int:
     ap.add_argument("--curve-steps", type=int, default=CURVE_STEPS, help="fp32 vs bf16 curve length (0: skip)")
     ap.add_argument("--compile", action="store_true", help="also measure Lightning with torch.compile")
     ap.add_argument("--quick", action="store_true",
-                    help="half the steps, 3 rounds, 30-step curves; tiny and small unless --presets")
+                    help="half the steps (at least 4), 3 rounds, 30-step curves; tiny and small unless --presets")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
-    presets = [p for p in (args.presets or ("tiny,small" if args.quick else ",".join(PRESETS))).split(",") if p]
+    default = "tiny,small" if args.quick else ",".join(PRESETS)
+    presets = [p for p in (default if args.presets is None else args.presets).split(",") if p]
     precisions = [p for p in args.precisions.split(",") if p]
     for name, values, allowed in (("preset", presets, PRESETS), ("precision", precisions, PRECISION)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
-            ap.error(f"unknown {name} {bad[0] if bad else ''!r}; expected one of {', '.join(allowed)}")
+            what = f"unknown {name} {bad[0]!r}" if bad else f"no {name} given"
+            ap.error(f"{what}; expected one of {', '.join(allowed)}")
     if args.quick:
         args.curve_steps = min(args.curve_steps, 30)
     if args.steps < 0 or args.rounds < 0 or args.curve_steps < 0:
