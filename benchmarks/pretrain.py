@@ -163,8 +163,8 @@ def lightning_loop(tokens: Path, preset: str, precision: str, steps: int, warmup
     ``paired``: the bare loop (:func:`bare_steps`, same weights, batches and schedule) runs in the same process,
     one bare step between each two Lightning steps, so both see the same machine from second to second; its
     step times and losses come back as ``"bare"`` and ``"bare_losses"``. A Lightning step is timed from one
-    ``on_train_batch_start`` to the next (so it includes loading its batch and every hook), minus the bare step
-    run in between; each step ends with a GPU synchronisation, in both loops alike.
+    ``on_train_batch_start`` to the next (so it includes loading its batch and every hook), its clock restarted
+    after the bare step run in between; each step ends with a GPU synchronisation, in both loops alike.
     """
     import lightning as L
     import torch
@@ -172,6 +172,7 @@ def lightning_loop(tokens: Path, preset: str, precision: str, steps: int, warmup
     from llmstages.stages.pretrain import PretrainModule
 
     bare = bare_steps(tokens, preset, precision, steps, device) if paired else None
+    dev_type = torch.device(device).type
 
     class StepTimer(L.Callback):
         def __init__(self) -> None:
@@ -187,7 +188,7 @@ def lightning_loop(tokens: Path, preset: str, precision: str, steps: int, warmup
             if warmup < step <= steps:
                 self.times.append(time.perf_counter() - self.end)
             if bare is not None and step < steps:
-                assert torch.is_grad_enabled() and not torch.is_autocast_enabled(torch.device(device).type)
+                assert torch.is_grad_enabled() and not torch.is_autocast_enabled(dev_type)
                 seconds, loss = next(bare)
                 self.bare_losses.append(loss)
                 if step >= warmup:
