@@ -43,8 +43,10 @@ def machine() -> str:
 
 def matmul_peak(dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048, 4096), seconds: float = 1.0) -> float:
     """Measured matrix-multiply peak in FLOP/s: the best over square ``n x n @ n x n`` products of ``sizes``
-    (``2 n^3`` FLOPs each), each timed for about ``seconds`` after a warm-up. This is the denominator of MFU:
-    what this machine's BLAS (oneDNN / cuBLAS) reaches, not a datasheet figure."""
+    (``2 n^3`` FLOPs each), each timed for about ``seconds`` after a warm-up; larger sizes are skipped once one
+    product takes longer than ``seconds`` (an emulated dtype, such as bf16 on a CPU without AMX or AVX-512 BF16,
+    would take minutes there). This is the denominator of MFU: what this machine's BLAS (oneDNN / cuBLAS)
+    reaches, not a datasheet figure."""
     import torch
 
     best = 0.0
@@ -62,7 +64,10 @@ def matmul_peak(dtype, device: str = "cpu", sizes: tuple[int, ...] = (1024, 2048
                 continue
             sync(device)
         sync(device)
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+        elapsed = time.perf_counter() - start
+        best = max(best, 2 * n**3 * reps / elapsed)
+        if elapsed / reps > seconds:
+            break
     return best
 
 

@@ -17,6 +17,7 @@ import torch
 
 from llmstages.generation import generate, left_pad, positions_from_mask
 from llmstages.model import GPT, GPTConfig
+from llmstages.stages import common
 from llmstages.stages.common import CompiledCall
 from llmstages.stages.pretrain import PretrainModule
 
@@ -31,6 +32,17 @@ def test_flops_per_token_by_hand():
     n = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 64 * 32) + 64 * 32
     assert n == 22_528
     assert GPT(GPTConfig(**CFG)).flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16 == 147_456
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_precision_auto_follows_the_cpus_bf16_units_and_emulated_bf16_warns(monkeypatch, caplog, units):
+    monkeypatch.setattr(common, "cpu_has_bf16_units", lambda: units)
+    with caplog.at_level(logging.WARNING, logger="llmstages"):
+        assert common.resolve_precision("auto", "cpu") == ("bf16-mixed" if units else "32-true")
+        assert common.resolve_precision("32-true", "cpu") == "32-true"
+        assert not caplog.records
+        assert common.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the user's choice stands
+    assert ("trainer.precision=bf16-mixed on a CPU without AMX" in caplog.text) == (not units)
 
 
 def test_compiled_call_matches_eager_and_keeps_checkpoint_keys():

@@ -71,18 +71,30 @@ def encoding_metrics(**sets) -> dict[str, int]:
     return {f"{name}_{k}": v for name, stats in sets.items() for k, v in stats.summary().items()}
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively: AMX or AVX-512 BF16 among ``/proc/cpuinfo``'s flags
+    (False where there is no such file). Without them oneDNN emulates bf16, tens of times slower than float32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``"auto"``: ``bf16-mixed`` where bf16 matrix units exist (CUDA with bf16, CPUs with AMX or AVX-512 BF16),
-    else ``32-true``. Any other value is passed to Lightning unchanged."""
-    if precision != "auto":
-        return precision
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return "32-true"
-    return "bf16-mixed" if {"amx_bf16", "avx512_bf16"} & set(flags) else "32-true"
+    else ``32-true``. Any other value is passed to Lightning unchanged; a bf16 one on a CPU without those units
+    logs a warning (it runs, emulated, tens of times slower than ``32-true``)."""
+    on_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    if precision == "auto":
+        if on_cuda:
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
+    if precision.startswith("bf16") and not on_cuda and not cpu_has_bf16_units():
+        log.warning("trainer.precision=%s on a CPU without AMX or AVX-512 BF16: bf16 matrix multiplies are emulated "
+                    "here, tens of times slower than 32-true (which trainer.precision=auto picks on this CPU)",
+                    precision)
+    return precision
 
 
 class CompiledCall:
