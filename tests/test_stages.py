@@ -37,6 +37,7 @@ def test_stage_outputs_round_trip(tiny_run):
         # only the reward model carries a scalar head (PPO's default value model is a separate critic, not saved)
         model, head, meta = load_output(work / "outputs" / stage, with_head=stage == "reward")
         assert meta["stage"] == stage and meta["pipeline_run"] == "test-pipeline"
+        assert meta["precision"] == "32-true"  # the precision the Trainer used, recorded
         assert (head is not None) == (stage == "reward")
         tok = load_tokenizer(work / "outputs" / stage)
         assert tok.vocab_size == model.cfg.vocab_size
@@ -112,6 +113,7 @@ def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
     assert {r.data.tags["mlflow.parentRunId"] for r in by_stage.values()} == {parents[0].info.run_id}
     pre = by_stage["pretrain"]
     assert pre.data.params["trainer.max_steps"] == "40"
+    assert pre.data.params["trainer.precision_used"] == "32-true"
     assert pre.data.metrics["final/val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
     assert "train/loss" in pre.data.metrics and pre.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(by_stage["rlhf"].info.run_id)}

@@ -242,6 +242,11 @@ class Stage:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ids_file, run_ids(self.loggers))
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        # The precision the Trainer gets ("auto" resolved for this machine), in the log, meta.json and the trackers.
+        self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) if "trainer" in cfg else None
+        if self.precision:
+            flat["trainer.precision_used"] = self.precision
+            log.info("%s: training in %s (trainer.precision=%s)", name, self.precision, cfg.trainer.precision)
         for lg in self.loggers:
             lg.log_hyperparams(flat)
             if type(lg).__name__ == "WandbLogger":  # MLflow has them as run tags
@@ -267,7 +272,7 @@ class Stage:
         if t.enable_progress_bar:
             cbs.append(StepBoundProgressBar())
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-                      precision=resolve_precision(t.precision, t.accelerator), max_steps=t.max_steps, max_epochs=-1,
+                      precision=self.precision, max_steps=t.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
                       accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
@@ -332,8 +337,9 @@ class Stage:
                 lg.log_table(key="probes", columns=cols, data=[[r[c] for c in cols] for r in rows])
 
     def meta(self, **extra) -> dict:
-        """The ``meta.json`` of a stage output: stage, pipeline run, commit, and stage-specific fields."""
-        return {"stage": self.name, **self.tags, **extra}
+        """The ``meta.json`` of a stage output: stage, pipeline run, commit, the precision it trained in, and
+        stage-specific fields."""
+        return {"stage": self.name, **self.tags, **({"precision": self.precision} if self.precision else {}), **extra}
 
 
 class StepBoundProgressBar(RichProgressBar):
