@@ -40,6 +40,7 @@ def test_precision_auto_follows_the_cpus_bf16_units_and_emulated_bf16_warns(monk
     with caplog.at_level(logging.WARNING, logger="llmstages"):
         assert common.resolve_precision("auto", "cpu") == ("bf16-mixed" if units else "32-true")
         assert common.resolve_precision("32-true", "cpu") == "32-true"
+        assert common.resolve_precision(32, "cpu") == 32  # trainer.precision=32 on the command line is an int
         assert not caplog.records
         assert common.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the user's choice stands
     assert ("trainer.precision=bf16-mixed on a CPU without AMX" in caplog.text) == (not units)

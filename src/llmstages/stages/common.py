@@ -90,7 +90,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         if on_cuda:
             return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
-    if precision.startswith("bf16") and not on_cuda and not cpu_has_bf16_units():
+    if str(precision).startswith("bf16") and not on_cuda and not cpu_has_bf16_units():  # 32 may come as an int
         log.warning("trainer.precision=%s on a CPU without AMX or AVX-512 BF16: bf16 matrix multiplies are emulated "
                     "here, tens of times slower than 32-true (which trainer.precision=auto picks on this CPU)",
                     precision)
