@@ -332,7 +332,7 @@ def main() -> int:
         return 0
     default = "tiny,small" if args.quick else ",".join(PRESETS)
     presets = [p for p in (default if args.presets is None else args.presets).split(",") if p]
-    precisions = [p for p in (args.precisions or "fp32").split(",") if p]
+    precisions = [p for p in ("fp32" if args.precisions is None else args.precisions).split(",") if p]
     for name, values, allowed in (("preset", presets, PRESETS), ("precision", precisions, PRECISION)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
@@ -405,7 +405,8 @@ def main() -> int:
         line = [r["preset"], f"{r['params'] / 1e6:.1f}M", f"{r['batch']} x {r['seq_len']}", r["precision"],
                 f"{r['bare']:,.0f}", f"{r['lightning']:,.0f}", spread(r["ratio"]), spread(r["cost_ms"], ".2f"),
                 f"{r['flops_per_token'] * r['lightning'] / 1e9:,.0f}", f"{median(r['peak']) / 1e9:,.0f}",
-                spread([100 * m for m in r["mfu"]], ".1f") + "%", f"{r['peak_mb']:,.0f}",
+                spread([100 * m for m in r["mfu"]], ".1f") + "%" if r["precision"] == "fp32" or native_bf16
+                else "n/a (emulated)", f"{r['peak_mb']:,.0f}",
                 f"{r['loss_bare']:.4f} / {r['loss_lightning']:.4f}"]
         if args.compile:
             line.insert(8, f"{r['compiled']:,.0f} ({r['compiled'] / r['lightning']:.2f}x)")
