@@ -86,7 +86,10 @@ def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
     work, _ = tiny_run
     args = ["sft", "-m", "optim.lr=1e-4,3e-4", f"init_from={work}/outputs/pretrain", f"data_dir={work}/outputs/data",
             "logger=csv", *TINY["sft"], "trainer.max_steps=4"]
-    run(args, tmp_path)
+    p = run(args, tmp_path)
+    out = p.stdout + p.stderr
+    assert out.count("GPU available") == 2, out  # once per job: Lightning's lines are not doubled under Hydra
+    assert "💡" not in out  # nor its cloud-product tips
     jobs = sorted((tmp_path / "outputs/multirun/sft").glob("*/*/metrics.json"))
     assert len(jobs) == 2
     lrs = sorted(yaml.safe_load((j.parent / "config.yaml").read_text())["optim"]["lr"] for j in jobs)

@@ -150,3 +150,49 @@ def test_lineage_links_each_stage_to_the_run_that_made_its_inputs(tiny_run):
     weights = str(work / "outputs/pretrain/model.safetensors")
     rel = {k.replace(str(work) + "/", ""): v for k, v in sft_inputs.items()}
     assert rel["outputs/pretrain/model.safetensors"] == file_md5(weights)
+
+
+def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_terminal(monkeypatch, caplog, tmp_path):
+    """One bar over the run (global step of max_steps, across epochs, from the resumed step on a resume), named
+    after the stage; in a redirected log (no terminal) a line every tenth of the run, with the logged metrics."""
+    import logging
+    import re
+
+    import lightning as L
+
+    from llmstages.model import GPTConfig
+    from llmstages.stages.common import StepProgressBar
+    from llmstages.stages.pretrain import PretrainModule
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")  # Rich: this console is not a terminal (a file, a pipe, CI)
+    cfg = GPTConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
+    data = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(3)]  # 3 batches an epoch
+
+    def fit(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        optim = dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8, warmup_steps=0, max_steps=max_steps,
+                     min_lr_ratio=1.0)
+        bar = StepProgressBar("pretrain")
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, log_every_n_steps=5,
+                            logger=False, default_root_dir=tmp_path, enable_model_summary=False, callbacks=[bar])
+        with caplog.at_level(logging.INFO, logger="llmstages"):
+            caplog.clear()
+            trainer.fit(PretrainModule(cfg, optim, 1.0, 16), torch.utils.data.DataLoader(data, batch_size=None),
+                        ckpt_path=ckpt_path)
+        task = bar.progress.tasks[bar.train_progress_bar_id]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain: step")]
+        return task, lines, trainer
+
+    task, lines, trainer = fit(20)
+    assert (task.description, task.completed, task.total) == ("pretrain", 20, 20)  # not "Epoch 6 2/3"
+    steps = [int(re.match(r"pretrain: step (\d+)/20 \(\d+%\)", line).group(1)) for line in lines]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    assert "left" in lines[0] and "train/loss=" not in lines[0]  # nothing logged before step 5
+    assert "train/loss=" in lines[-1] and "left" not in lines[-1]
+    assert re.search(r"train/loss=[\d.]+", lines[-1]).group(0) == f"train/loss={trainer.callback_metrics['train/loss']:.4g}"
+
+    trainer.save_checkpoint(tmp_path / "at20.ckpt")
+    task, lines, _ = fit(30, ckpt_path=tmp_path / "at20.ckpt")  # resumed: the bar starts at step 20
+    assert (task.completed, task.total) == (30, 30)
+    assert [line.split(" (")[0] for line in lines] == ["pretrain: step 21/30", "pretrain: step 24/30",
+                                                       "pretrain: step 27/30", "pretrain: step 30/30"]

@@ -69,7 +69,9 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     cfg = validate(stage, cfg, source)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     try:
-        metrics = importlib.import_module(f"llmstages.stages.{stage}").run(cfg, out)
+        module = importlib.import_module(f"llmstages.stages.{stage}")
+        _route_lightning_logs()
+        metrics = module.run(cfg, out)
     except BaseException as err:
         from .stages.common import fail_open_stages
 
@@ -81,13 +83,41 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{stage} metrics ({out / 'metrics.json'})")
+    table = Table(title=f"{stage} metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"written to {out / 'metrics.json'}", soft_wrap=True, highlight=False)  # one line, any width
     return metrics
+
+
+def _route_lightning_logs() -> None:
+    """One line per Lightning message, without Lightning's ads.
+
+    ``import lightning`` gives the ``lightning`` logger a console handler of its own ("INFO: ...") that also
+    passes each record on to the root logger. Under Hydra, whose job logging gives the root logger a console and
+    a file handler, every Lightning line came out twice; there Lightning's own console handlers are dropped and
+    its records go through Hydra's (so they reach the job's log file too). Lightning's "💡 Tip" lines about its
+    cloud products are dropped everywhere.
+    """
+    import logging
+
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            lg = logging.getLogger(name)
+            for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+                lg.removeHandler(h)
+            lg.propagate = True
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(getattr(f, "__name__", "") == "_no_tips" for f in rank_zero.filters):
+        rank_zero.addFilter(_no_tips)
+
+
+def _no_tips(record) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def _params_mode(stage: str, argv: list[str]) -> int:

@@ -270,7 +270,7 @@ class Stage:
         cbs = [ckpt, *(callbacks or []), LearningRateMonitor(logging_interval="step")]
         curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=(self.ckpt_dir / "last.ckpt").is_file())
         if t.enable_progress_bar:
-            cbs.append(StepBoundProgressBar())
+            cbs.append(StepProgressBar(self.name))
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
                       precision=self.precision, max_steps=t.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
@@ -342,19 +342,90 @@ class Stage:
         return {"stage": self.name, **self.tags, **({"precision": self.precision} if self.precision else {}), **extra}
 
 
-class StepBoundProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, minus the epoch bound in its title (runs here are bounded by ``max_steps``
-    with ``max_epochs=-1``, which the stock bar shows as "Epoch 3/-2"), and with its metrics read only at the
-    trainer's log interval: reading them copies each logged tensor to the host, a device synchronisation that
-    the stock bar makes after every training step."""
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar over the whole run: one bar named after the stage that counts optimizer steps
+    (``trainer.global_step`` of ``trainer.max_steps``, from the resumed step on a resume), not batches of the
+    current epoch (runs here are bounded by ``max_steps`` with ``max_epochs=-1``, which the stock bar shows as
+    "Epoch 3/-2", then "Epoch 3 13/29" in a stage whose epochs are short).
+
+    Its metrics are read only at the trainer's log interval: reading them copies each logged tensor to the host, a
+    device synchronisation that the stock bar makes after every training step.
+
+    Where the console is not a terminal (output redirected to a file, a pipe or CI), Rich draws the bar only once,
+    when the stage ends; there a log line gives the step, steps/s, the time left and the metrics every tenth of
+    the run and at least every ``line_every_s`` seconds (the same ``llmstages`` logger as the stage's other lines).
+    """
+
+    def __init__(self, stage: str, line_every_s: float = 300.0) -> None:
+        super().__init__()
+        self.stage, self.line_every_s = stage, line_every_s
+        self._start: tuple[float, int] | None = None  # (monotonic time, global step) when training started
+        self._last_line: tuple[float, int] = (0.0, -1)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return f"Epoch {current_epoch}"
+        return self.stage
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.train_progress_bar_id is not None:  # one bar for the whole run: not reset at each epoch
+            return
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            # Resumed runs start at their step (reset, not update: the jump would count in Rich's speed).
+            self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
+                                completed=trainer.global_step)
+        self._start = self._last_line = (time.monotonic(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+        if self._console is not None and not self._console.is_terminal:
+            self._log_line(trainer, pl_module)
 
     def _update_metrics(self, trainer, pl_module) -> None:
         if trainer.training and not _writes_step(trainer, trainer.global_step):
             return
         super()._update_metrics(trainer, pl_module)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the tracker's run id cut to 4 characters ("184_"): it names nothing to look up
+        return metrics
+
+    def _log_line(self, trainer, pl_module) -> None:
+        step, total, now = trainer.global_step, trainer.max_steps, time.monotonic()
+        if self._start is None or step == self._last_line[1]:
+            return
+        tenth = max(1, total // 10) if total > 0 else 0
+        crossed = tenth and step // tenth > self._last_line[1] // tenth  # steps may jump (PPO: several a batch)
+        due = step == total or crossed or now - self._last_line[0] >= self.line_every_s
+        if not due:
+            return
+        self._last_line = (now, step)
+        rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)  # optimizer steps per second
+        parts = [f"{self.stage}: step {step}/{total}" if total > 0 else f"{self.stage}: step {step}"]
+        if total > 0:
+            parts[0] += f" ({100 * step / total:.0f}%)"
+        parts.append(f"{rate:.2f} steps/s")
+        if total > 0 and rate > 0 and step < total:
+            parts.append(f"{_duration((total - step) / rate)} left")
+        metrics = self.get_metrics(trainer, pl_module)
+        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        log.info(" · ".join(parts))
+
+
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``; ``7`` -> ``'7s'``."""
+    s = int(round(seconds))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def is_log_step(module: L.LightningModule) -> bool:
