@@ -23,6 +23,8 @@ to the next. Each step is timed from its start to the next one's, loading its ba
 and ends with a GPU synchronisation in both loops alike. Tokens/s comes from the median step time (which
 ignores the steps slowed by another process); Lightning/bare and Lightning's extra milliseconds per step come
 from the total times of the same steps (so the log-interval steps, where Lightning does more, count).
+``--control`` adds, in each round, two identical bare loops interleaved the same way: their ratio (A/A) is what
+the method reads when there is no Lightning, the error of the Lightning/bare ratio itself.
 
 Each preset runs in **rounds** in one process: in every round, for each precision (the order alternating
 between rounds), the matrix-multiply peak of that dtype is measured, then the interleaved pair runs.
@@ -48,6 +50,7 @@ Example::
     python benchmarks/pretrain.py                         # tiny, small, base; fp32 and bf16 (if native); curves (~20 min)
     python benchmarks/pretrain.py --presets base --precisions bf16 --device cuda   # on a GPU
     python benchmarks/pretrain.py --compile               # also Lightning with trainer.compile=true
+    python benchmarks/pretrain.py --presets small,base --control   # with the A/A control of the ratio
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import gc
 import json
 import math
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -232,6 +236,23 @@ def lightning_loop(tokens: Path, preset: str, precision: str, steps: int, warmup
     return out
 
 
+def control_pair(tokens: Path, preset: str, precision: str, steps: int, warmup: int, device: str) -> float:
+    """The A/A control: two identical bare loops (:func:`bare_steps`) interleaved step by step as the paired run
+    interleaves the bare and Lightning loops (A in the bare loop's place, first in each pair; B in Lightning's).
+    Returns A/B, the ratio of their total times over the steps after ``warmup``: what the method reads as a
+    Lightning/bare ratio when there is no Lightning, i.e. its own error from step order and memory placement."""
+    a = bare_steps(tokens, preset, precision, steps, device)
+    b = bare_steps(tokens, preset, precision, steps, device)
+    ta = tb = 0.0
+    for i in range(steps):
+        sa, sb = next(a)[0], next(b)[0]
+        if i >= warmup:
+            ta, tb = ta + sa, tb + sb
+    a.close(), b.close()
+    gc.collect()
+    return ta / tb
+
+
 def peak_memory_mb(device: str) -> float:
     import torch
 
@@ -265,7 +286,8 @@ def worker(job: dict) -> dict:
     if job["mode"] == "memory":
         lightning_loop(tokens, preset, precisions[0], steps, warmup, device)
         return {"peak_mb": peak_memory_mb(device)}
-    out = {p: {"bare": [], "lightning": [], "ratio": [], "cost_ms": [], "compiled": [], "peak": []} for p in precisions}
+    out = {p: {"bare": [], "lightning": [], "ratio": [], "cost_ms": [], "compiled": [], "peak": [], "control": []}
+           for p in precisions}
     for r in range(job["rounds"]):
         for precision in (precisions if r % 2 == 0 else precisions[::-1]):
             o = out[precision]
@@ -277,6 +299,8 @@ def worker(job: dict) -> dict:
             o["ratio"].append(sum(run["bare"]) / sum(run["lightning"]))
             o["cost_ms"].append(1e3 * (sum(run["lightning"]) - sum(run["bare"])) / len(run["bare"]))
             o["loss_bare"], o["loss_lightning"] = run["bare_losses"][-1], run["losses"][-1]
+            if job["control"]:
+                o["control"].append(control_pair(tokens, preset, precision, steps, warmup, device))
     if job["compile"]:
         for precision in precisions:
             run = lightning_loop(tokens, preset, precision, steps + 2, warmup + 2, device, compile=True)
@@ -287,6 +311,9 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict) -> dict:
+    """Run ``job`` in a fresh process (each preset and mode on its own allocator and caches); its last stdout line
+    is the JSON result. Killing this script kills the worker too (``subprocess.run`` does on any exception, and
+    ``main`` turns SIGTERM into one)."""
     p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"worker {job['preset']} ({job['mode']}) failed:\n{p.stderr[-3000:]}")
@@ -321,8 +348,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0, help="measured steps per run (default: per preset)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds per preset; medians are reported (default: "
                     + ", ".join(f"{k} {v[4]}" for k, v in PRESETS.items()) + ")")
-    ap.add_argument("--curve-steps", type=int, default=CURVE_STEPS, help="fp32 vs bf16 curve length (0: skip)")
+    ap.add_argument("--curve-steps", type=int, default=None,
+                    help=f"fp32 vs bf16 curve length at small (default {CURVE_STEPS}; 0: skip)")
     ap.add_argument("--compile", action="store_true", help="also measure Lightning with torch.compile")
+    ap.add_argument("--control", action="store_true",
+                    help="in each round, also two identical bare loops interleaved the same way (A/A): the error of "
+                         "the Lightning/bare ratio itself (about doubles the time)")
     ap.add_argument("--quick", action="store_true",
                     help="half the steps (at least 4), 3 rounds, 30-step curves; tiny and small unless --presets")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -330,6 +361,7 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # so the worker is killed too
     default = "tiny,small" if args.quick else ",".join(PRESETS)
     presets = [p for p in (default if args.presets is None else args.presets).split(",") if p]
     precisions = [p for p in ("fp32" if args.precisions is None else args.precisions).split(",") if p]
@@ -338,6 +370,8 @@ def main() -> int:
         if bad or not values:
             what = f"unknown {name} {bad[0]!r}" if bad else f"no {name} given"
             ap.error(f"{what}; expected one of {', '.join(allowed)}")
+    curve_steps_given = args.curve_steps is not None
+    args.curve_steps = CURVE_STEPS if args.curve_steps is None else args.curve_steps
     if args.quick:
         args.curve_steps = min(args.curve_steps, 30)
     if args.steps < 0 or args.rounds < 0 or args.curve_steps < 0:
@@ -370,7 +404,7 @@ def main() -> int:
             steps = args.steps or (max(4, steps // 2) if args.quick else steps)
             rounds = args.rounds or (min(rounds, 3) if args.quick else rounds)
             job = dict(mode="rounds", preset=preset, precisions=precisions, device=args.device, tokens=str(tokens),
-                       steps=warmup + steps, warmup=warmup, rounds=rounds, compile=args.compile,
+                       steps=warmup + steps, warmup=warmup, rounds=rounds, compile=args.compile, control=args.control,
                        peak_seconds=0.3 if args.quick else 0.5)
             t0 = time.time()
             r = run_worker(job)
@@ -381,7 +415,7 @@ def main() -> int:
                            rounds=rounds, params=r["params"], flops_per_token=r["flops_per_token"],
                            bare=median(runs["bare"]), lightning=median(runs["lightning"]),
                            compiled=median(runs["compiled"]) if runs["compiled"] else None,
-                           ratio=runs["ratio"], cost_ms=runs["cost_ms"],
+                           ratio=runs["ratio"], cost_ms=runs["cost_ms"], control=runs["control"],
                            mfu=[r["flops_per_token"] * t / p for t, p in zip(runs["lightning"], runs["peak"])],
                            peak=runs["peak"], light_runs=runs["lightning"], peak_mb=mem["peak_mb"],
                            loss_bare=runs["loss_bare"], loss_lightning=runs["loss_lightning"])
@@ -391,6 +425,8 @@ def main() -> int:
                       f"{spread([v / 1e9 for v in runs['peak']], ',.0f')} GFLOP/s", flush=True)
             print(f"  ({preset}: {rounds} rounds of {steps} measured steps, {time.time() - t0:.0f} s)", flush=True)
         curves = None
+        if curve_steps_given and args.curve_steps and "small" not in presets:
+            print("note: --curve-steps applies to the small preset, which is not among --presets: no curves")
         if args.curve_steps and "small" in presets and set(precisions) == set(PRECISION):
             curves = run_worker(dict(mode="curves", preset="small", precisions=precisions, device=args.device,
                                      tokens=str(tokens), steps=args.curve_steps, warmup=0))
@@ -398,8 +434,10 @@ def main() -> int:
     print()
     head = ["preset", "params", "batch x seq", "precision", "bare tok/s", "Lightning tok/s", "Lightning/bare",
             "Lightning ms/step more", "GFLOP/s", "peak GFLOP/s", "MFU", "peak MB", "final loss bare / Lightning"]
+    if args.control:
+        head.insert(7, "bare/bare (A/A)")
     if args.compile:
-        head.insert(8, "compiled tok/s")
+        head.insert(8 + args.control, "compiled tok/s")
     table = []
     for r in rows:
         line = [r["preset"], f"{r['params'] / 1e6:.1f}M", f"{r['batch']} x {r['seq_len']}", r["precision"],
@@ -408,8 +446,10 @@ def main() -> int:
                 spread([100 * m for m in r["mfu"]], ".1f") + "%" if r["precision"] == "fp32" or native_bf16
                 else "n/a (emulated)", f"{r['peak_mb']:,.0f}",
                 f"{r['loss_bare']:.4f} / {r['loss_lightning']:.4f}"]
+        if args.control:
+            line.insert(7, spread(r["control"]))
         if args.compile:
-            line.insert(8, f"{r['compiled']:,.0f} ({r['compiled'] / r['lightning']:.2f}x)")
+            line.insert(8 + args.control, f"{r['compiled']:,.0f} ({r['compiled'] / r['lightning']:.2f}x)")
         table.append(line)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *table)]
     for line in [head, *table]:
@@ -424,8 +464,9 @@ def main() -> int:
         print("(--quick: few steps and rounds, so the verdicts below are indicative; run without --quick for them)")
     for r in rows:
         name, ratio, cost_ms = f"{r['preset']}/{r['precision']}", median(r["ratio"]), median(r["cost_ms"])
+        control = f"; A/A control (bare/bare, same method) {spread(r['control'])}" if r["control"] else ""
         text = (f"Lightning at most 5% slower than the bare loop at {name}: {spread(r['ratio'])} "
-                f"({cost_ms:.2f} ms more per step)")
+                f"({cost_ms:.2f} ms more per step{control})")
         if ratio > 1.2:  # Lightning does all the bare loop does, and more
             check(fails, f"Lightning {name}", False,
                   text + " - implausibly fast: too few steps or rounds to measure; raise --steps or --rounds")
