@@ -8,6 +8,7 @@ rerun), so a stage killed mid-run and started again with the same config resumes
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -363,8 +364,8 @@ class StepProgressBar(RichProgressBar):
         self._last_line: tuple[float, int] = (0.0, -1)
 
     @property
-    def total_train_batches(self) -> int | float:
-        return self.trainer.max_steps if self.trainer.max_steps > 0 else super().total_train_batches
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps  # > 0: every stage's config is validated so
 
     def _get_train_description(self, current_epoch: int) -> str:
         return self.stage
@@ -402,30 +403,18 @@ class StepProgressBar(RichProgressBar):
         step, total, now = trainer.global_step, trainer.max_steps, time.monotonic()
         if self._start is None or step == self._last_line[1]:
             return
-        tenth = max(1, total // 10) if total > 0 else 0
-        crossed = tenth and step // tenth > self._last_line[1] // tenth  # steps may jump (PPO: several a batch)
-        due = step == total or crossed or now - self._last_line[0] >= self.line_every_s
-        if not due:
+        tenth = max(1, total // 10)
+        crossed = step // tenth > self._last_line[1] // tenth  # steps may jump (PPO: several per batch)
+        if not (step == total or crossed or now - self._last_line[0] >= self.line_every_s):
             return
         self._last_line = (now, step)
         rate = (step - self._start[1]) / max(now - self._start[0], 1e-9)  # optimizer steps per second
-        parts = [f"{self.stage}: step {step}/{total}" if total > 0 else f"{self.stage}: step {step}"]
-        if total > 0:
-            parts[0] += f" ({100 * step / total:.0f}%)"
-        parts.append(f"{rate:.2f} steps/s")
-        if total > 0 and rate > 0 and step < total:
-            parts.append(f"{_duration((total - step) / rate)} left")
-        metrics = self.get_metrics(trainer, pl_module)
-        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+        parts = [f"{self.stage}: step {step}/{total} ({100 * step / total:.0f}%)", f"{rate:.2f} steps/s"]
+        if rate > 0 and step < total:
+            parts.append(f"{datetime.timedelta(seconds=round((total - step) / rate))} left")
+        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in self.get_metrics(trainer, pl_module).items()]
         log.info(" · ".join(parts))
-
-
-def _duration(seconds: float) -> str:
-    """``3725`` -> ``'1h02m05s'``; ``65`` -> ``'1m05s'``; ``7`` -> ``'7s'``."""
-    s = int(round(seconds))
-    h, m = divmod(s, 3600)
-    m, s = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def is_log_step(module: L.LightningModule) -> bool:
