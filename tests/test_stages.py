@@ -154,8 +154,10 @@ def test_lineage_links_each_stage_to_the_run_that_made_its_inputs(tiny_run):
 
 def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_terminal(monkeypatch, caplog, tmp_path):
     """One bar over the run (global step of max_steps, across epochs, from the resumed step on a resume), named
-    after the stage; in a redirected log (no terminal) a line every tenth of the run, with the logged metrics."""
+    after the stage; in a redirected log (no terminal) a line every tenth of the run with the training metrics,
+    and one after each validation with that validation's metrics (the bar would show the previous ones)."""
     import logging
+    import math
     import re
 
     import lightning as L
@@ -168,27 +170,37 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     cfg = GPTConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_seq_len=16)
     data = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(3)]  # 3 batches an epoch
 
-    def fit(max_steps, ckpt_path=None):
+    def fit(max_steps, ckpt_path=None, val=None):
         torch.manual_seed(0)
         optim = dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8, warmup_steps=0, max_steps=max_steps,
                      min_lr_ratio=1.0)
         bar = StepProgressBar("pretrain")
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, log_every_n_steps=5,
-                            logger=False, default_root_dir=tmp_path, enable_model_summary=False, callbacks=[bar])
+                            logger=False, default_root_dir=tmp_path, enable_model_summary=False, callbacks=[bar],
+                            val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+        loader = lambda d: torch.utils.data.DataLoader(d, batch_size=None)  # noqa: E731
         with caplog.at_level(logging.INFO, logger="llmstages"):
             caplog.clear()
-            trainer.fit(PretrainModule(cfg, optim, 1.0, 16), torch.utils.data.DataLoader(data, batch_size=None),
+            trainer.fit(PretrainModule(cfg, optim, 1.0, 16), loader(data), loader(val) if val else None,
                         ckpt_path=ckpt_path)
         task = bar.progress.tasks[bar.train_progress_bar_id]
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain: step")]
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pretrain: ")]
         return task, lines, trainer
 
-    task, lines, trainer = fit(20)
+    task, lines, trainer = fit(20, val=data[:2])
+    val_lines = [line for line in lines if "validation" in line]  # one after each validation, its fresh values
+    parsed = [dict(kv.split("=") for kv in line.split(" · ")[1:]) for line in val_lines]
+    assert [line.split(" · ")[0] for line in val_lines] == ["pretrain: validation at step 10",
+                                                             "pretrain: validation at step 20"]
+    assert [sorted(m) for m in parsed] == [["val/bits_per_byte", "val/loss", "val/perplexity"]] * 2
+    assert parsed[-1]["val/loss"] == f"{float(trainer.callback_metrics['val/loss']):.4g}"
+    assert all(abs(math.log(float(m["val/perplexity"])) - float(m["val/loss"])) < 2e-3 for m in parsed)
+    lines = [line for line in lines if line not in val_lines]
     assert (task.description, task.completed, task.total) == ("pretrain", 20, 20)  # not "Epoch 6 2/3"
     steps = [int(re.match(r"pretrain: step (\d+)/20 \(\d+%\)", line).group(1)) for line in lines]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert "left" in lines[0] and "train/loss=" not in lines[0]  # nothing logged before step 5
-    assert "train/loss=" in lines[-1] and "left" not in lines[-1]
+    assert "train/loss=" in lines[-1] and "left" not in lines[-1] and "val/" not in lines[-1]
     assert re.search(r"train/loss=[\d.]+", lines[-1]).group(0) == f"train/loss={trainer.callback_metrics['train/loss']:.4g}"
 
     trainer.save_checkpoint(tmp_path / "at20.ckpt")

@@ -353,8 +353,9 @@ class StepProgressBar(RichProgressBar):
     device synchronisation that the stock bar makes after every training step.
 
     Where the console is not a terminal (output redirected to a file, a pipe or CI), Rich draws the bar only once,
-    when the stage ends; there a log line gives the step, steps/s, the time left and the metrics every tenth of
-    the run and at least every ``line_every_s`` seconds (the same ``llmstages`` logger as the stage's other lines).
+    when the stage ends; there a log line gives the step, steps/s, the time left and the training metrics every
+    tenth of the run and at least every ``line_every_s`` seconds, and a line after each validation gives the
+    validation metrics (through the same ``llmstages`` logger as the stage's other lines).
     """
 
     def __init__(self, stage: str, line_every_s: float = 300.0) -> None:
@@ -412,9 +413,20 @@ class StepProgressBar(RichProgressBar):
         parts = [f"{self.stage}: step {step}/{total} ({100 * step / total:.0f}%)", f"{rate:.2f} steps/s"]
         if rate > 0 and step < total:
             parts.append(f"{datetime.timedelta(seconds=round((total - step) / rate))} left")
-        parts += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in self.get_metrics(trainer, pl_module).items()]
-        log.info(" · ".join(parts))
+        log.info(" · ".join(parts + _fmt(self.get_metrics(trainer, pl_module), val=False)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._console is not None \
+                and not self._console.is_terminal:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # all of them, not the bar's only
+            log.info(" · ".join([f"{self.stage}: validation at step {trainer.global_step}", *_fmt(metrics, val=True)]))
+
+
+def _fmt(metrics: dict, val: bool) -> list[str]:
+    """``key=value`` texts of the validation metrics (``val=True``) or of the others."""
+    return [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+            if k.startswith("val") == val]
 
 
 def is_log_step(module: L.LightningModule) -> bool:
