@@ -423,7 +423,8 @@ def main() -> int:
                 print(f"  {preset}/{precision}: Lightning {spread(runs['lightning'], ',.0f')} tok/s, bare "
                       f"{spread(runs['bare'], ',.0f')} tok/s, {PRECISION[precision]} matmul peak "
                       f"{spread([v / 1e9 for v in runs['peak']], ',.0f')} GFLOP/s", flush=True)
-            print(f"  ({preset}: {rounds} rounds of {steps} measured steps, {time.time() - t0:.0f} s)", flush=True)
+            print(f"  ({preset}: {rounds} round{'s' * (rounds > 1)} of {steps} measured steps, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
         curves = None
         if curve_steps_given and args.curve_steps and "small" not in presets:
             print("note: --curve-steps applies to the small preset, which is not among --presets: no curves")
@@ -475,7 +476,7 @@ def main() -> int:
         else:
             step_ms = 1e3 * r["batch"] * r["seq_len"] / r["bare"]
             print(f"INFO: Lightning/bare at {name}, the test-sized model: {spread(r['ratio'])}, Lightning's fixed "
-                  f"{cost_ms:.2f} ms per step against a {step_ms:.0f} ms step (the 5% check is for "
+                  f"{cost_ms:.2f} ms per step against a {step_ms:.0f} ms step{control} (the 5% check is for "
                   f"{', '.join(OVERHEAD_CHECKED)})")
     by = {(r["preset"], r["precision"]): r for r in rows}
     not_run = "" if "bf16" in precisions else " (bf16 not run)"
@@ -509,4 +510,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the worker got it too, and subprocess.run has reaped it
+        sys.exit("interrupted")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -69,6 +71,30 @@ def test_bad_precision_is_refused_before_training(stage):
         validate(stage, compose(stage, ["trainer.precision=fp8"]))
     for ok in ("auto", "32-true", "bf16-mixed", "32"):
         assert validate(stage, compose(stage, [f"trainer.precision={ok}"])).trainer.precision == ok
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.val_check_interval=0", "pretrain.trainer.val_check_interval: must be > 0, got 0"),
+    ("trainer.log_every_n_steps=0", "pretrain.trainer.log_every_n_steps: must be > 0, got 0"),
+    ("trainer.accumulate_grad_batches=0", "pretrain.trainer.accumulate_grad_batches: must be > 0, got 0"),
+    ("trainer.limit_val_batches=0", "pretrain.trainer.limit_val_batches: must be > 0, got 0"),
+    ("optim.warmup_steps=-5", "pretrain.optim.warmup_steps: must be >= 0, got -5"),
+    ("optim.min_lr_ratio=2", "pretrain.optim.min_lr_ratio: must be in [0, 1]")])
+def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(override, message):
+    """Found by a fresh-user check: these ran to a ZeroDivisionError inside Lightning or after training (or, for
+    accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate("pretrain", compose("pretrain", [override]))
+
+
+@pytest.mark.parametrize("field,value,message", [("dropout", 2.0, "model.dropout must be in [0, 1), got 2.0"),
+                                                 ("d_model", 0, "model.d_model must be >= 1, got 0"),
+                                                 ("n_layers", 0, "model.n_layers must be >= 1, got 0")])
+def test_bad_model_shape_is_a_one_line_value_error(field, value, message):
+    from llmstages.model import GPTConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPTConfig(**{"vocab_size": 64, field: value})
 
 
 @pytest.mark.parametrize("override,key", [("algorithm=reinforce", "rlhf.algorithm"), ("grpo.group_size=1", "grpo.group_size"),

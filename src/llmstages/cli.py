@@ -67,6 +67,12 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's StatefulDataLoader on newer torch
     cfg = validate(stage, cfg, source)
+    if "trainer" in cfg and cfg.trainer.accelerator in ("gpu", "cuda"):  # here, not in validate: params may be
+        import torch                                                      # composed for another machine
+
+        if not torch.cuda.is_available():
+            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.accelerator={cfg.trainer.accelerator}, but this "
+                     f"torch ({torch.__version__}) sees no CUDA GPU; use trainer=cpu")
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     try:
         module = importlib.import_module(f"llmstages.stages.{stage}")

@@ -281,6 +281,16 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if "trainer" in cfg and cfg.trainer.max_steps <= 0:
         bad("trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
+    if "optim" in cfg and cfg.optim.warmup_steps < 0:
+        bad("optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
+    if "optim" in cfg and not 0 <= cfg.optim.min_lr_ratio <= 1:
+        bad("optim.min_lr_ratio", f"must be in [0, 1] (the final learning rate over optim.lr), got "
+                                  f"{cfg.optim.min_lr_ratio}")
+    if "trainer" in cfg:
+        t = cfg.trainer
+        for key in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches", "limit_val_batches"):
+            if t[key] <= 0:
+                bad(f"trainer.{key}", f"must be > 0, got {t[key]}")
     if "trainer" in cfg and str(cfg.trainer.precision) not in PRECISIONS:
         bad("trainer.precision", f"unknown value {cfg.trainer.precision!r}; expected auto, 32-true, bf16-mixed, "
             "16-mixed, bf16-true, 16-true or 64-true (transformer-engine on GPUs with it installed)")

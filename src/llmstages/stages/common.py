@@ -84,13 +84,18 @@ def cpu_has_bf16_units() -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``"auto"``: ``bf16-mixed`` where bf16 matrix units exist (CUDA with bf16, CPUs with AMX or AVX-512 BF16),
-    else ``32-true``. Any other value is passed to Lightning unchanged; a bf16 one on a CPU without those units
-    logs a warning (it runs, emulated, tens of times slower than ``32-true``)."""
+    else ``32-true``. Any other value is passed to Lightning unchanged, except an fp16 one off CUDA, which becomes
+    ``bf16-mixed`` as Lightning would make it, with a warning; a bf16 one on a CPU without those units logs a
+    warning (it runs, emulated, tens of times slower than ``32-true``)."""
     on_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     if precision == "auto":
         if on_cuda:
             return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
+    if str(precision).startswith("16") and not on_cuda:  # what Lightning does, said here so it is recorded right
+        log.warning("trainer.precision=%s: fp16 autocast does not exist on a CPU; training in bf16-mixed instead",
+                    precision)
+        precision = "bf16-mixed"
     if str(precision).startswith("bf16") and not on_cuda and not cpu_has_bf16_units():  # 32 may come as an int
         log.warning("trainer.precision=%s on a CPU without AMX or AVX-512 BF16: bf16 matrix multiplies are emulated "
                     "here, tens of times slower than 32-true (which trainer.precision=auto picks on this CPU)",
