@@ -117,9 +117,7 @@ def _route_lightning_logs() -> None:
             for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
                 lg.removeHandler(h)
             lg.propagate = True
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(getattr(f, "__name__", "") == "_no_tips" for f in rank_zero.filters):
-        rank_zero.addFilter(_no_tips)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # added once, however often called
 
 
 def _no_tips(record) -> bool:

@@ -279,8 +279,6 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
 
     if "optim" in cfg and cfg.optim.lr <= 0:
         bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
-    if "trainer" in cfg and cfg.trainer.max_steps <= 0:
-        bad("trainer.max_steps", f"must be > 0, got {cfg.trainer.max_steps}")
     if "optim" in cfg and cfg.optim.warmup_steps < 0:
         bad("optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
     if "optim" in cfg and not 0 <= cfg.optim.min_lr_ratio <= 1:
@@ -288,7 +286,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
                                   f"{cfg.optim.min_lr_ratio}")
     if "trainer" in cfg:
         t = cfg.trainer
-        for key in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches", "limit_val_batches"):
+        for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches",
+                    "limit_val_batches"):
             if t[key] <= 0:
                 bad(f"trainer.{key}", f"must be > 0, got {t[key]}")
     if "trainer" in cfg and str(cfg.trainer.precision) not in PRECISIONS:
