@@ -82,6 +82,27 @@ def test_missing_upstream_output_is_a_clear_error(tmp_path):
     assert p.returncode != 0 and "nowhere" in p.stderr
 
 
+def test_bad_folders_are_one_line_errors_before_training(tiny_run, tmp_path):
+    """An output folder that cannot be made, and a data_dir that is another stage's output, stop the stage before
+    it trains, with the path at fault named."""
+    work, _ = tiny_run
+    (tmp_path / "afile").write_text("x")
+    base = [*TINY["pretrain"], "logger=none", "trainer.max_steps=2"]
+    p = run(["pretrain", f"data_dir={work}/outputs/data", f"out_dir={tmp_path}/afile/pt", *base], tmp_path,
+            check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and "Epoch" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == \
+        f"llmstages pretrain: output folder {tmp_path}/afile/pt cannot be made: {tmp_path}/afile is not a folder"
+    p = run(["pretrain", f"data_dir={work}/outputs/sft", "out_dir=outputs/pt", *base], tmp_path, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (
+        f"llmstages pretrain: error: {work}/outputs/sft/meta.json has no vocab_size, val_tokens, val_bytes, "
+        f"unigram_entropy_nats: data_dir={work}/outputs/sft is not a data stage output (it is the sft stage's)")
+    p = run(["pretrain", f"data_dir={tmp_path}", "out_dir=outputs/pt", *base], tmp_path, check=False)
+    assert p.returncode == 1 and f"{tmp_path}/meta.json not found: data_dir={tmp_path} should be" in p.stderr
+    assert not (tmp_path / "outputs/pt").exists()
+
+
 def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
     work, _ = tiny_run
     args = ["sft", "-m", "optim.lr=1e-4,3e-4", f"init_from={work}/outputs/pretrain", f"data_dir={work}/outputs/data",
@@ -110,6 +131,18 @@ def test_generate_shows_each_stage(tiny_run):
     for stage in ("pretrain", "sft", "rlhf"):
         assert f"outputs/{stage}" in p.stdout
     assert p.stdout.count("What's 2 + 2?") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: -1 is out of range: expected >= 1"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: 'x' is not an integer"),
+    (["--top-p", "0"], "argument --top-p: 0 is out of range: expected (0, 1]"),
+    (["--temperature", "-0.5"], "argument --temperature: -0.5 is out of range: expected >= 0"),
+    (["--top-k", "-2"], "argument --top-k: -2 is out of range: expected >= 0"),
+])
+def test_generate_refuses_bad_sampling_values(tmp_path, args, message):
+    p = run(["generate", "hi", *args], tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.strip().endswith(message) and "Traceback" not in p.stderr
 
 
 def test_kill_and_resume(tiny_run, tmp_path):

@@ -148,12 +148,18 @@ def test_failed_job_is_listed_as_failed(tiny_run, tmp_path):
     assert "failed: " in p.stderr and "sweep: 2 jobs" in p.stderr
 
 
-def test_unknown_objective_metric_is_a_one_line_error(tiny_run, tmp_path):
+def test_unknown_objective_metric_stops_a_sweep_and_warns_a_single_run(tiny_run, tmp_path):
     work, _ = tiny_run
-    p = llmstages(["pretrain", "objective.metric=val_los", *pretrain_args(work)], tmp_path)
+    p = llmstages(["pretrain", "-m", "objective.metric=val_los", *pretrain_args(work)], tmp_path)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     [line] = [ln for ln in p.stderr.splitlines() if "objective.metric" in ln]
     assert "'val_los'" in line and "val_loss" in line and "val_perplexity" in line
+    # A single run does not use the objective: it ends well, its output written, with a warning.
+    p = ok(llmstages(["pretrain", "objective.metric=val_los", "out_dir=outputs/one", *pretrain_args(work)], tmp_path))
+    [line] = [ln for ln in p.stderr.splitlines() if "objective.metric" in ln]
+    assert line.startswith("llmstages pretrain: warning: objective.metric='val_los' is not a metric of") \
+        and "val_perplexity" in line
+    assert (tmp_path / "outputs/one/model.safetensors").is_file()
     p = llmstages(["pretrain", "objective.direction=lower", "logger=none"], tmp_path)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "objective.direction" in p.stderr and "'lower'" in p.stderr

@@ -74,6 +74,7 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
             sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.accelerator={cfg.trainer.accelerator}, but this "
                      f"torch ({torch.__version__}) sees no CUDA GPU; use trainer=cpu")
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
+    _check_writable(stage, out)  # before training, not after it
     try:
         module = importlib.import_module(f"llmstages.stages.{stage}")
         _route_lightning_logs()
@@ -98,6 +99,25 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     console.print(table)
     console.print(f"written to {out / 'metrics.json'}", soft_wrap=True, highlight=False)  # one line, any width
     return metrics
+
+
+def _check_writable(stage: str, out: Path) -> None:
+    """Exit with a one-line error if ``out`` cannot be made: its nearest existing ancestor is not a folder, or a
+    file cannot be created in it (read-only, no permission)."""
+    import tempfile
+
+    base = out.absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    why = "is not a folder" if not base.is_dir() else ""
+    if not why:
+        try:
+            tempfile.TemporaryFile(dir=base).close()
+        except OSError as err:
+            why = f"is not writable ({err.strerror or err})"
+    if why:
+        what = "" if base == out.absolute() else f" cannot be made: {base}"
+        sys.exit(f"llmstages {stage}: output folder {out}{what} {why}")
 
 
 def _route_lightning_logs() -> None:
@@ -183,7 +203,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
     The objective is ``metrics[objective.metric]`` as a float (what a sweeper such as Optuna optimises). In a multirun
     each job gets ``LLMSTAGES_SWEEP`` (the sweep folder) and ``LLMSTAGES_SWEEP_JOB`` (its number) in the environment,
     and a job that stops with a one-line error is recorded by Hydra as failed (:class:`~llmstages.sweep.JobFailed`);
-    an ``objective.metric`` the stage does not report stops the whole sweep (every job would fail the same way).
+    an ``objective.metric`` the stage does not report stops the whole sweep (every job would fail the same way);
+    in a single run it is a warning (the run has trained and written its output).
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -219,8 +240,12 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             numeric = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
             what = "is not a metric of" if key not in metrics else f"is {value!r}, not a number, in"
-            sys.exit(f"llmstages {stage}: objective.metric={key!r} {what} this stage's metrics.json; "
-                     f"expected one of: {', '.join(numeric)}")
+            msg = f"objective.metric={key!r} {what} this stage's metrics.json; expected one of: {', '.join(numeric)}"
+            if sweep:
+                sys.exit(f"llmstages {stage}: {msg}")
+            # A single run has trained and written its output: only a sweep needs the objective.
+            print(f"llmstages {stage}: warning: {msg} (a sweep with it would stop)", file=sys.stderr)
+            return None
         return float(value)
 
     sys.argv = [f"llmstages {stage}", *map(lambda a: strip_stage_prefix(stage, a), argv)]
@@ -265,16 +290,32 @@ def _params_cmd(argv: list[str]) -> int:
     return 0
 
 
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse ``type``: ``kind(text)`` within ``[low, high]`` (``(low, high]`` if ``low_open``), else a
+    usage error naming the value and the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            span = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {span}")
+        return value
+    return parse
+
+
 def _generate_cmd(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="llmstages generate", description="Answer a prompt with each given stage output, side by side.")
     parser.add_argument("prompt", nargs="+", help="prompt text(s)")
     parser.add_argument("--model", action="append", default=None,
                         help="stage output folder (repeatable); default: every one of outputs/{pretrain,sft,rlhf}")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=_number(int, 1), default=48, help="at least 1 (default: %(default)s)")
+    parser.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_number(int, 0), default=0, help="0 = off (default)")
+    parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
+                        help="nucleus mass in (0, 1]; 1 = off (default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     models = args.model or [f"outputs/{s}" for s in ("pretrain", "sft", "rlhf") if Path(f"outputs/{s}").is_dir()]

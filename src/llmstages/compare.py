@@ -97,7 +97,11 @@ def metric_value(run, name: str) -> float | None:
 
 
 def choose_metrics(runs, requested: list[str] | None) -> list[str]:
-    """``requested`` as given; ``["all"]``: every final metric any run has; none: the per-stage defaults."""
+    """``requested`` as given; ``["all"]``: every final metric any run has; none: the per-stage defaults.
+
+    Raises:
+        CompareError: when no listed run logged any of ``requested`` (one of them unknown: a warning on stderr).
+    """
     every = sorted({k[len(FINAL):] for r in runs for k in r.data.metrics if k.startswith(FINAL)})
     if requested and "all" in requested:
         return every
@@ -105,8 +109,10 @@ def choose_metrics(runs, requested: list[str] | None) -> list[str]:
         known = {k[len(FINAL):] if k.startswith(FINAL) else k for r in runs for k in r.data.metrics}
         unknown = [m for m in requested if m not in known]
         if unknown:
-            print(f"llmstages compare: no listed run logged {', '.join(unknown)} (known: {', '.join(sorted(known))})",
-                  file=sys.stderr)
+            msg = f"no listed run logged {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            if len(unknown) == len(requested):  # a table of empty columns answers nothing
+                raise CompareError(msg)
+            print(f"llmstages compare: {msg}", file=sys.stderr)
         return requested
     stages = {r.data.tags.get("stage") for r in runs}
     names = [m for s, ms in DEFAULT_METRICS.items() if s in stages for m in ms]

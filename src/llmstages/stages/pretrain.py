@@ -79,11 +79,33 @@ def evaluate_loss(model: GPT, data: TokenWindows, batch_size: int, max_batches: 
     return sum(losses) / len(losses)
 
 
+def data_meta(data_dir: Path) -> dict:
+    """The data stage's ``meta.json`` in ``data_dir``.
+
+    Raises:
+        FileNotFoundError: no ``meta.json`` there.
+        ValueError: a ``meta.json`` that is not the data stage's (another stage's output folder), naming it.
+    """
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data_dir={data_dir} should be the data stage's output "
+                                "(run `llmstages data` or `dvc repro data` first)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in ("vocab_size", "val_tokens", "val_bytes", "unigram_entropy_nats") if k not in meta]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)}: data_dir={data_dir} is not a data stage output"
+                         + (f" (it is the {meta['stage']} stage's)" if isinstance(meta.get("stage"), str) else ""))
+    return meta
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train from scratch on ``<data_dir>/train.bin``; write the model to ``out_dir``; return the metrics."""
     seed_everything(cfg.trainer.seed)
     data_dir = Path(cfg.data_dir)
-    meta = json.loads((data_dir / "meta.json").read_text())
+    meta = data_meta(data_dir)
     model_kwargs = dict(cfg.model)
     model_kwargs["vocab_size"] = model_kwargs["vocab_size"] or meta["vocab_size"]
     if model_kwargs["vocab_size"] < meta["vocab_size"]:
