@@ -87,6 +87,10 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
             # Bad input (a file, a value): the message names it; no traceback wall (LLMSTAGES_DEBUG=1 shows it).
             sys.exit(f"llmstages {stage}: error: {err}")
         raise
+    from .stages.common import is_rank_zero
+
+    if not is_rank_zero():
+        return metrics  # another DDP process: rank 0 reports
     from rich.console import Console
     from rich.table import Table
 
@@ -215,10 +219,15 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
 
     register_resolvers()  # ${llmstages.uid:} in hydra.run.dir / hydra.sweep.dir
 
+    script = sys.argv[0]
+
     @hydra.main(version_base=None, config_path=str(conf_dir()), config_name=f"entry/{stage}")
     def app(cfg):
         hc = HydraConfig.get()
         sweep = hc.mode == RunMode.MULTIRUN
+        # What Lightning's DDP launcher reruns for each further process (adding hydra.run.dir and a job name):
+        # this command with this job's overrides (sys.argv[0] is "llmstages <stage>" while Hydra parses).
+        sys.argv = [script, stage, *hc.overrides.task]
         if sweep:
             os.environ["LLMSTAGES_SWEEP"] = str(hc.sweep.dir)  # as configured: outputs/multirun/<stage>/<time>_<id>
             os.environ["LLMSTAGES_SWEEP_JOB"] = str(hc.job.num)
@@ -235,6 +244,10 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
             if not (sweep and isinstance(err.code, str)):
                 raise
             raise JobFailed(err.code) from None  # Hydra records this job as failed (the sweeper decides the rest)
+        from .stages.common import is_rank_zero
+
+        if not is_rank_zero():
+            return None  # another DDP process: rank 0 reports
         key = cfg.objective.metric
         value = metrics.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -202,6 +202,19 @@ def keep_freed_host_memory() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the first of a multi-process (DDP) run, or the only process.
+
+    Under DDP every process runs the stage; rank 0 alone tracks the run, evaluates the trained model and writes
+    the output, the others only train. Known before the Trainer exists, from the environment that Lightning's
+    launcher (or torchrun, SLURM) gives each process: ``LOCAL_RANK``/``RANK`` as Lightning reads them, and
+    ``NODE_RANK`` on the other nodes.
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0 and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
 def fail_open_stages() -> None:
     """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
     while _OPEN:
@@ -216,6 +229,7 @@ class Stage:
 
     def __init__(self, name: str, cfg: DictConfig, out_dir: str | Path, inputs: list[str | Path]) -> None:
         self.name, self.cfg, self.out_dir = name, cfg, Path(out_dir)
+        self.rank_zero = is_rank_zero()  # under DDP the other ranks only train: no trackers, lineage or log lines
         keep_freed_host_memory()
         self.pipeline_run = pipeline_run_id()
         commit, dirty = git_commit()
@@ -230,7 +244,7 @@ class Stage:
             f"{name}-{Path(self.tags['sweep']).name}-job{self.tags.get('sweep_job', '')}"
         lc = cfg.logger
         uri = project_path(lc.mlflow_tracking_uri) if "mlflow" in lc.backends else None
-        lineage, self.lineage = lineage_tags(inputs, uri)
+        lineage, self.lineage = lineage_tags(inputs, uri) if self.rank_zero else ({}, {})
         self.tags.update(lineage)
         # A rerun after an interruption (its resume checkpoint is there) continues the same tracking runs.
         ids_file = self.ckpt_dir / "tracking.json"
@@ -243,7 +257,7 @@ class Stage:
                                     mlflow_artifact_location=lc.mlflow_artifact_location,
                                     wandb_project=lc.wandb_project, wandb_mode=lc.wandb_mode,
                                     wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir, parent=parent,
-                                    resume=resume)
+                                    resume=resume) if self.rank_zero else []
         if self.loggers:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ids_file, run_ids(self.loggers))
@@ -252,6 +266,7 @@ class Stage:
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) if "trainer" in cfg else None
         if self.precision:
             flat["trainer.precision_used"] = self.precision
+        if self.precision and self.rank_zero:
             log.info("%s: training in %s (trainer.precision=%s)", name, self.precision, cfg.trainer.precision)
         for lg in self.loggers:
             lg.log_hyperparams(flat)
@@ -286,7 +301,12 @@ class Stage:
                       callbacks=cbs, enable_model_summary=False, num_sanity_val_steps=0,
                       default_root_dir=str(self.ckpt_dir))
         kwargs.update(overrides)
-        return L.Trainer(**kwargs)
+        trainer = L.Trainer(**kwargs)
+        if trainer.world_size > 1 and "sweep" in self.tags:
+            raise ValueError(f"trainer.devices={t.devices} with strategy={t.strategy}: a multi-process run cannot be "
+                             "a job of a Hydra multirun (Lightning relaunches the script per process, outside the "
+                             "sweep); run the values one by one, or queue them: dvc exp run --queue")
+        return trainer
 
     def fit(self, trainer: L.Trainer, module: L.LightningModule, train_dl, val_dl=None) -> int:
         """Fit, resuming from ``ckpt_dir/last.ckpt`` when a previous run of the same config was interrupted.
@@ -297,6 +317,7 @@ class Stage:
         resumed = 0
         if last.is_file():
             resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
+        if last.is_file() and self.rank_zero:
             log.warning("%s: resuming from %s (step %d)", self.name, last, resumed)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.is_file() else None)
         return resumed

@@ -53,7 +53,7 @@ class DPOModule(L.LightningModule):
         n = len(rc)
         self.log_dict({f"{prefix}/loss": loss, f"{prefix}/reward_chosen": rc.mean(), f"{prefix}/reward_rejected": rr.mean(),
                        f"{prefix}/reward_margin": (rc - rr).mean(), f"{prefix}/accuracy": (rc > rr).float().mean()},
-                      batch_size=n)
+                      batch_size=n, sync_dist=prefix == "val")
         return loss
 
     def training_step(self, batch, batch_idx):

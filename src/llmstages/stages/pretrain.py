@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..checkpoint import save_output
@@ -55,13 +55,13 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = next_token_loss(self.forward_fn(x), y)
-        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over DDP processes
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
-            self.log("val/perplexity", torch.exp(loss))
-            self.log("val/bits_per_byte", loss / math.log(2) / self.bytes_per_token)
+            self.log("val/perplexity", torch.exp(loss), sync_dist=True)
+            self.log("val/bits_per_byte", loss / math.log(2) / self.bytes_per_token, sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
@@ -115,7 +115,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     model_cfg = GPTConfig(**model_kwargs)
     tok = load_tokenizer(data_dir)  # before training: a missing or broken tokenizer fails fast
     t = cfg.trainer
-    n_train = t.max_steps * cfg.batch_size * t.accumulate_grad_batches
     dtype = meta.get("dtype", "uint16")
     val = TokenWindows(data_dir / "val.bin", cfg.seq_len, t.limit_val_batches * cfg.batch_size, seed=t.seed + 1,
                        dtype=dtype)
@@ -123,11 +122,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     stage = Stage("pretrain", cfg, out_dir, inputs=[data_dir])
     module = PretrainModule(model_cfg, optim_kwargs(cfg), bytes_per_token, cfg.batch_size * cfg.seq_len, t.compile)
     trainer = stage.trainer()
+    # Windows for the whole run: under DDP each of the world_size processes reads its share of them.
+    n_train = t.max_steps * cfg.batch_size * t.accumulate_grad_batches * trainer.world_size
     train = TokenWindows(data_dir / "train.bin", cfg.seq_len, n_train, seed=t.seed, dtype=dtype)
     dl = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=t.accelerator != "cpu")
     # A stateful loader: its position is saved in the checkpoint, so a resumed run goes on with the next window
-    # (Lightning restarts a plain DataLoader from its first batch).
-    resumed = stage.fit(trainer, module, StatefulDataLoader(train, shuffle=False, **dl), DataLoader(val, **dl))
+    # (Lightning restarts a plain DataLoader from its first batch). Under DDP, process r reads windows r, r + W,
+    # ... in order (Lightning's own sampler would shuffle them): the W processes' batches together are the
+    # windows that one process with W times the batch would read.
+    sampler = DistributedSampler(train, trainer.world_size, trainer.global_rank, shuffle=False) \
+        if trainer.world_size > 1 else None
+    resumed = stage.fit(trainer, module, StatefulDataLoader(train, sampler=sampler, shuffle=False, **dl),
+                        DataLoader(val, **dl))
+    if not trainer.is_global_zero:
+        return {}  # another DDP process: rank 0 evaluates and writes the output
     val_loss = evaluate_loss(module.model, val, cfg.batch_size, t.limit_val_batches)
     if not math.isfinite(val_loss) or val_loss > 100:  # uniform over 2**20 tokens is 13.9 nats
         raise ValueError(f"pretrain diverged: val_loss={val_loss:.4g} nats/token after {trainer.global_step} steps "
@@ -138,7 +146,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token,
         "unigram_entropy_nats": meta["unigram_entropy_nats"],
         "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
-        "tokens_seen": trainer.global_step * cfg.batch_size * cfg.seq_len * t.accumulate_grad_batches,
+        "tokens_seen": trainer.global_step * cfg.batch_size * cfg.seq_len * t.accumulate_grad_batches
+        * trainer.world_size,
         "steps": trainer.global_step,
         "resumed_from_step": resumed,
         "params": module.model.num_params(non_embedding=False),

@@ -44,9 +44,10 @@ class RewardModule(L.LightningModule):
         chosen, rejected = r.chunk(2)
         loss = bradley_terry_loss(chosen, rejected)
         if prefix == "val" or is_log_step(self):
-            self.log(f"{prefix}/loss", loss, prog_bar=True)
-            self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
-            self.log(f"{prefix}/margin", (chosen - rejected).mean())
+            sync = prefix == "val"  # validation: the mean over DDP processes
+            self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=sync)
+            self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True, sync_dist=sync)
+            self.log(f"{prefix}/margin", (chosen - rejected).mean(), sync_dist=sync)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -81,6 +82,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
+    if not trainer.is_global_zero:
+        return {}  # another DDP process: rank 0 writes the output
     metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}

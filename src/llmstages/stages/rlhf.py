@@ -28,7 +28,7 @@ from ..losses import kl_estimate
 from ..model import GPT, ScalarHead
 from ..rollout import response_logprobs, sample, sequence_reward_fn
 from ..tokenizer import load_tokenizer
-from .common import Stage, log_encoding, optim_kwargs, seed_everything
+from .common import Stage, is_rank_zero, log_encoding, optim_kwargs, seed_everything
 from .dpo import DPOModule
 from .grpo import GRPOModule
 from .ppo import PPOModule
@@ -100,17 +100,21 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module, train_dl, val_dl = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     max_new = cfg.eval_max_new_tokens
-    sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new)
+    if is_rank_zero():  # under DDP the other processes only train
+        sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new)
 
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])
     trainer = stage.trainer(gradient_clip_val=None, **({} if val_dl else {"limit_val_batches": 0}))
     resumed = stage.fit(trainer, module, train_dl, val_dl)
-    log.info("rlhf (%s) time: %s", cfg.algorithm, module.timer.summary())
+    if trainer.is_global_zero:
+        log.info("rlhf (%s) time: %s", cfg.algorithm, module.timer.summary())
     extra = {}
     if val_dl is not None:  # DPO: implicit-reward accuracy and margin over all held-out pairs
         trainer.limit_val_batches = 1.0
         final = trainer.validate(module, val_dl, verbose=False)[0]
         extra = {"dpo_val_accuracy": final["val/accuracy"], "dpo_val_reward_margin": final["val/reward_margin"]}
+    if not trainer.is_global_zero:
+        return {}  # another DDP process: rank 0 evaluates and writes the output
     rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new)
     wins = (rl_scores > sft_scores).float() + 0.5 * (rl_scores == sft_scores).float()
     prompts = [r["prompt"] for r in rows]

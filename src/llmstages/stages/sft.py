@@ -21,8 +21,8 @@ from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_an
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, log_encoding,
-                     optim_kwargs, seed_everything)
+from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, is_rank_zero,
+                     log_encoding, optim_kwargs, seed_everything)
 
 
 class SFTModule(L.LightningModule):
@@ -45,7 +45,7 @@ class SFTModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self._loss(batch), prog_bar=True)
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)  # mean over DDP processes
 
     def configure_optimizers(self):
         return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
@@ -66,7 +66,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                   for path in (data_dir / "sft_train.jsonl", data_dir / "sft_val.jsonl"))
     log_encoding("sft", train=train.stats, val=val.stats)
     eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
-    before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens)
+    # Scored by DDP rank 0 only (the other processes only train; they start when rank 0 starts training).
+    before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens) if is_rank_zero() else {}
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
     module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile)
@@ -76,6 +77,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
+    if not trainer.is_global_zero:
+        return {}  # another DDP process: rank 0 evaluates and writes the output
     after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens)
     metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
                "val_loss": val_loss,
