@@ -197,6 +197,8 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     assert all(abs(math.log(float(m["val/perplexity"])) - float(m["val/loss"])) < 2e-3 for m in parsed)
     lines = [line for line in lines if line not in val_lines]
     assert (task.description, task.completed, task.total) == ("pretrain", 20, 20)  # not "Epoch 6 2/3"
+    [speed] = [c for c in trainer.progress_bar_callback.progress.columns if type(c).__name__ == "SpeedColumn"]
+    assert re.fullmatch(r"[\d.]+ steps/s", speed.render(task).plain)  # Lightning's says it/s
     steps = [int(re.match(r"pretrain: step (\d+)/20 \(\d+%\)", line).group(1)) for line in lines]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
     assert "left" in lines[0] and "train/loss=" not in lines[0]  # nothing logged before step 5

@@ -421,6 +421,21 @@ class StepProgressBar(RichProgressBar):
             return
         super()._update_metrics(trainer, pl_module)
 
+    def configure_columns(self, trainer) -> list:
+        """Lightning's columns, with the speed in steps/s on the stage's bar (batches/s on validation's)."""
+        from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
+        from rich.text import Text
+
+        bar = self
+
+        class SpeedColumn(ProcessingSpeedColumn):
+            def render(self, task) -> Text:
+                unit = "steps/s" if task.id == bar.train_progress_bar_id else "batches/s"
+                return Text(f"{task.speed or 0:.2f} {unit}", style=self.style)
+
+        return [SpeedColumn(self.theme.processing_speed) if isinstance(c, ProcessingSpeedColumn) else c
+                for c in super().configure_columns(trainer)]
+
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the tracker's run id cut to 4 characters ("184_"): it names nothing to look up
