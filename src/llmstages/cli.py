@@ -66,6 +66,8 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's StatefulDataLoader on newer torch
+    # Runs are bounded by max_steps, and the last step's metrics are always logged (is_log_step).
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     cfg = validate(stage, cfg, source)
     if "trainer" in cfg and cfg.trainer.accelerator in ("gpu", "cuda"):  # here, not in validate: params may be
         import torch                                                      # composed for another machine
