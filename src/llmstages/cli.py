@@ -127,15 +127,20 @@ def _check_writable(stage: str, out: Path) -> None:
 
 
 def _route_lightning_logs() -> None:
-    """One line per Lightning message, without Lightning's ads.
+    """One line per Lightning message, without Lightning's ads, and log lines above the progress bar, not in it.
 
     ``import lightning`` gives the ``lightning`` logger a console handler of its own ("INFO: ...") that also
     passes each record on to the root logger. Under Hydra, whose job logging gives the root logger a console and
     a file handler, every Lightning line came out twice; there Lightning's own console handlers are dropped and
     its records go through Hydra's (so they reach the job's log file too). Lightning's "💡 Tip" lines about its
-    cloud products are dropped everywhere.
+    cloud products are dropped everywhere. Console handlers write to ``sys.stdout``/``sys.stderr`` as they are at
+    each write (:class:`_CurrentStream`), so in a terminal a line logged while the bar is drawn comes above it.
     """
     import logging
+
+    for h in logging.getLogger().handlers + logging.getLogger("llmstages").handlers:
+        if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr):
+            h.setStream(_CurrentStream("stdout" if h.stream is sys.stdout else "stderr"))
 
     if logging.getLogger().handlers:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -144,6 +149,20 @@ def _route_lightning_logs() -> None:
                 lg.removeHandler(h)
             lg.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)  # added once, however often called
+
+
+class _CurrentStream:
+    """``sys.<name>`` as it is at each write. While Rich draws a live progress bar it puts a proxy there that
+    prints each line above the bar; a handler holding the real stream wrote into the bar's line instead."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
 
 
 def _no_tips(record) -> bool:
