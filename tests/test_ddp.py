@@ -85,9 +85,13 @@ def test_ddp_from_a_params_file_sft_and_ppo(tiny_run, tmp_path):
     assert sorted((r.data.tags["stage"], r.info.status) for r in runs) == [("rlhf", "FINISHED"), ("sft", "FINISHED")]
 
 
-def test_ddp_in_a_multirun_is_refused_before_training(tiny_run, tmp_path):
+def test_ddp_in_a_multirun_and_spawned_processes_are_refused_before_training(tiny_run, tmp_path):
     work, _ = tiny_run
-    p = run(["pretrain", "-m", "optim.lr=1e-3,3e-3", f"data_dir={work}/outputs/data", *TINY["pretrain"], *DDP,
-             "logger=none"], tmp_path)
+    args = [f"data_dir={work}/outputs/data", *TINY["pretrain"], *DDP, "logger=none"]
+    p = run(["pretrain", "-m", "optim.lr=1e-3,3e-3", *args], tmp_path)
     assert p.returncode != 0 and "Starting with 2 processes" not in p.stderr + p.stdout
     assert "a multi-process run cannot be a job of a Hydra multirun" in p.stderr
+    p = run(["pretrain", *args, "trainer.strategy=ddp_spawn"], tmp_path)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        "llmstages pretrain: error: trainer.strategy=ddp_spawn: processes started by spawn or fork are not "
+        "supported; use trainer.strategy=ddp (Lightning reruns the command for each process)")

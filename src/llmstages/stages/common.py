@@ -302,6 +302,11 @@ class Stage:
                       default_root_dir=str(self.ckpt_dir))
         kwargs.update(overrides)
         trainer = L.Trainer(**kwargs)
+        from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+        if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+            raise ValueError(f"trainer.strategy={t.strategy}: processes started by spawn or fork are not supported; "
+                             "use trainer.strategy=ddp (Lightning reruns the command for each process)")
         if trainer.world_size > 1 and "sweep" in self.tags:
             raise ValueError(f"trainer.devices={t.devices} with strategy={t.strategy}: a multi-process run cannot be "
                              "a job of a Hydra multirun (Lightning relaunches the script per process, outside the "
