@@ -280,6 +280,10 @@ class Stage:
 
         Besides the tracking loggers, every metric the stage logs goes to ``out_dir/curves/`` as DVC plot files
         (:func:`~llmstages.tracking.curve_logger`; continued when the run resumes from its checkpoint).
+
+        Raises:
+            ValueError: for processes started by spawn or fork (``ddp_spawn``, ``ddp_fork``), and for a multi-process
+                run that is a job of a Hydra multirun.
         """
         from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
