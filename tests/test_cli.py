@@ -103,6 +103,34 @@ def test_bad_folders_are_one_line_errors_before_training(tiny_run, tmp_path):
     assert not (tmp_path / "outputs/pt").exists()
 
 
+def test_log_lines_come_above_a_live_progress_bar_not_into_it():
+    """In a terminal, Rich's live bar replaces sys.stdout with a proxy that prints each line above the bar; a
+    console handler made before (as Hydra's is) still writes through it once the CLI has routed the logs."""
+    import io
+    import logging
+    import re
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from llmstages.cli import _route_lightning_logs
+
+    handler = logging.StreamHandler(sys.stdout)
+    logging.getLogger().addHandler(handler)
+    try:
+        _route_lightning_logs()
+        screen = io.StringIO()
+        with Progress(console=Console(file=screen, force_terminal=True, width=60)) as progress:
+            progress.add_task("pretrain", total=10, completed=3)
+            progress.refresh()
+            logging.getLogger("llmstages_test_console").warning("a line logged while the bar is drawn")
+            progress.refresh()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", screen.getvalue()).replace("\r", "\n").splitlines()
+    assert "a line logged while the bar is drawn" in lines  # a line of its own, not glued to the bar
+
+
 def test_multirun_sft_two_jobs_in_two_folders(tiny_run, tmp_path):
     work, _ = tiny_run
     args = ["sft", "-m", "optim.lr=1e-4,3e-4", f"init_from={work}/outputs/pretrain", f"data_dir={work}/outputs/data",
