@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,6 +102,18 @@ def test_bad_folders_are_one_line_errors_before_training(tiny_run, tmp_path):
     p = run(["pretrain", f"data_dir={tmp_path}", "out_dir=outputs/pt", *base], tmp_path, check=False)
     assert p.returncode == 1 and f"{tmp_path}/meta.json not found: data_dir={tmp_path} should be" in p.stderr
     assert not (tmp_path / "outputs/pt").exists()
+    # The output folder is the stage's input: refused before anything is written there.
+    shutil.copytree(work / "outputs/data", tmp_path / "data")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "data").iterdir()}
+    p = run(["pretrain", f"data_dir={tmp_path}/data", f"out_dir={tmp_path}/data", *base], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        f"llmstages pretrain: error: out_dir={tmp_path}/data is or holds this stage's input {tmp_path}/data: "
+        "writing the output there would overwrite it; choose another folder")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "data").iterdir()} == before
+    p = run(["pretrain", "trainer.strategy=nonsense", *base], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].endswith(
+        "pretrain.trainer.strategy='nonsense' is not a Lightning strategy; expected auto, ddp, fsdp, deepspeed, ... "
+        "(Lightning's StrategyRegistry has them all)")
 
 
 def test_log_lines_come_above_a_live_progress_bar_not_into_it():

@@ -79,10 +79,15 @@ def test_bad_precision_is_refused_before_training(stage):
     ("trainer.accumulate_grad_batches=0", "pretrain.trainer.accumulate_grad_batches: must be > 0, got 0"),
     ("trainer.limit_val_batches=0", "pretrain.trainer.limit_val_batches: must be > 0, got 0"),
     ("optim.warmup_steps=-5", "pretrain.optim.warmup_steps: must be >= 0, got -5"),
-    ("optim.min_lr_ratio=2", "pretrain.optim.min_lr_ratio: must be in [0, 1]")])
+    ("optim.min_lr_ratio=2", "pretrain.optim.min_lr_ratio: must be in [0, 1]"),
+    ("trainer.devices=0", "pretrain.trainer.devices: must be >= 1 (processes, one per device), or -1 for every "
+                          "visible GPU with trainer.accelerator=gpu; got 0 with accelerator=cpu"),
+    ("trainer.devices=-1", "pretrain.trainer.devices: must be >= 1"),
+    ("trainer.accelerator=tpu", "pretrain.trainer.accelerator: expected auto, cpu, gpu, cuda or mps, got 'tpu'"),
+    ("trainer.num_nodes=0", "pretrain.trainer.num_nodes: must be >= 1, got 0")])
 def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(override, message):
-    """Found by a fresh-user check: these ran to a ZeroDivisionError inside Lightning or after training (or, for
-    accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
+    """Found by fresh-user checks: these ran to a ZeroDivisionError or a traceback inside Lightning, or after
+    training (or, for accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate("pretrain", compose("pretrain", [override]))
 

@@ -45,9 +45,10 @@ def test_precision_auto_follows_the_cpus_bf16_units_and_emulated_bf16_warns(monk
         assert common.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the user's choice stands
     assert ("trainer.precision=bf16-mixed on a CPU without AMX" in caplog.text) == (not units)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llmstages"):  # Lightning turns fp16 on a CPU into bf16: said, recorded
-        assert common.resolve_precision("16-mixed", "cpu") == "bf16-mixed"
-    assert "trainer.precision=16-mixed: fp16 autocast does not exist on a CPU" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="llmstages"):  # no fp16 autocast on a CPU: the fast one, said
+        assert common.resolve_precision("16-mixed", "cpu") == ("bf16-mixed" if units else "32-true")
+    assert "trainer.precision=16-mixed: fp16 autocast does not exist on a CPU; training in " \
+        f"{'bf16-mixed' if units else '32-true'} instead" in caplog.text
 
 
 def test_compiled_call_matches_eager_and_keeps_checkpoint_keys():

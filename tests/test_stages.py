@@ -164,6 +164,9 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
 
     from llmstages.model import GPTConfig
     from llmstages.stages.common import StepProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     from llmstages.stages.pretrain import PretrainModule
 
     monkeypatch.setenv("TTY_COMPATIBLE", "0")  # Rich: this console is not a terminal (a file, a pipe, CI)
@@ -175,10 +178,13 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
         optim = dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.95], eps=1e-8, warmup_steps=0, max_steps=max_steps,
                      min_lr_ratio=1.0)
         bar = StepProgressBar("pretrain")
+        every10 = ModelCheckpoint(dirpath=tmp_path / "ck", filename="{step}", every_n_train_steps=10, save_top_k=-1)
         trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, log_every_n_steps=5,
-                            logger=False, default_root_dir=tmp_path, enable_model_summary=False, callbacks=[bar],
+                            logger=False, default_root_dir=tmp_path, enable_model_summary=False,
+                            callbacks=[bar, every10],
                             val_check_interval=10, check_val_every_n_epoch=None, num_sanity_val_steps=0)
-        loader = lambda d: torch.utils.data.DataLoader(d, batch_size=None)  # noqa: E731
+        # Stateful, as the stages' loaders: a run resumed mid-epoch goes on there (without on_train_epoch_start)
+        loader = lambda d: StatefulDataLoader(d, batch_size=None)  # noqa: E731
         with caplog.at_level(logging.INFO, logger="llmstages"):
             caplog.clear()
             trainer.fit(PretrainModule(cfg, optim, 1.0, 16), loader(data), loader(val) if val else None,
@@ -205,8 +211,7 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     assert "train/loss=" in lines[-1] and "left" not in lines[-1] and "val/" not in lines[-1]
     assert re.search(r"train/loss=[\d.]+", lines[-1]).group(0) == f"train/loss={trainer.callback_metrics['train/loss']:.4g}"
 
-    trainer.save_checkpoint(tmp_path / "at20.ckpt")
-    task, lines, _ = fit(30, ckpt_path=tmp_path / "at20.ckpt")  # resumed: the bar starts at step 20
+    # Resumed from the checkpoint written at step 10, in the middle of an epoch: the bar starts at step 10.
+    task, lines, _ = fit(30, ckpt_path=tmp_path / "ck/step=10.ckpt")
     assert (task.completed, task.total) == (30, 30)
-    assert [line.split(" (")[0] for line in lines] == ["pretrain: step 21/30", "pretrain: step 24/30",
-                                                       "pretrain: step 27/30", "pretrain: step 30/30"]
+    assert [line.split(" (")[0] for line in lines] == [f"pretrain: step {s}/30" for s in (12, 15, 18, 21, 24, 27, 30)]

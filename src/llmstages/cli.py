@@ -75,6 +75,13 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
         if not torch.cuda.is_available():
             sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.accelerator={cfg.trainer.accelerator}, but this "
                      f"torch ({torch.__version__}) sees no CUDA GPU; use trainer=cpu")
+    if "trainer" in cfg:  # Lightning's registry: known once Lightning is imported, so here rather than in validate
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        known = StrategyRegistry.available_strategies()
+        if cfg.trainer.strategy != "auto" and cfg.trainer.strategy not in known:
+            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.strategy={cfg.trainer.strategy!r} is not a "
+                     "Lightning strategy; expected auto, ddp, fsdp, deepspeed, ... (Lightning's StrategyRegistry has them all)")
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     _check_writable(stage, out)  # before training, not after it
     try:

@@ -290,6 +290,15 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
                     "limit_val_batches"):
             if t[key] <= 0:
                 bad(f"trainer.{key}", f"must be > 0, got {t[key]}")
+    if "trainer" in cfg:
+        t = cfg.trainer
+        if t.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+            bad("trainer.accelerator", f"expected auto, cpu, gpu, cuda or mps, got {t.accelerator!r}")
+        if isinstance(t.devices, int) and t.devices < 1 and not (t.devices == -1 and t.accelerator in ("gpu", "cuda")):
+            bad("trainer.devices", f"must be >= 1 (processes, one per device), or -1 for every visible GPU with "
+                                   f"trainer.accelerator=gpu; got {t.devices} with accelerator={t.accelerator}")
+        if t.num_nodes < 1:
+            bad("trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
     if "trainer" in cfg and str(cfg.trainer.precision) not in PRECISIONS:
         bad("trainer.precision", f"unknown value {cfg.trainer.precision!r}; expected auto, 32-true, bf16-mixed, "
             "16-mixed, bf16-true, 16-true or 64-true (transformer-engine on GPUs with it installed)")

@@ -84,18 +84,20 @@ def cpu_has_bf16_units() -> bool:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``"auto"``: ``bf16-mixed`` where bf16 matrix units exist (CUDA with bf16, CPUs with AMX or AVX-512 BF16),
-    else ``32-true``. Any other value is passed to Lightning unchanged, except an fp16 one off CUDA, which becomes
-    ``bf16-mixed`` as Lightning would make it, with a warning; a bf16 one on a CPU without those units logs a
-    warning (it runs, emulated, tens of times slower than ``32-true``)."""
+    else ``32-true``. Any other value is passed to Lightning unchanged, except an fp16 one on a CPU, which has no
+    fp16 autocast: it becomes ``bf16-mixed`` where the CPU has bf16 units, else ``32-true`` (Lightning would make
+    it an emulated bf16-mixed), with a warning; a bf16 one on a CPU without those units logs a warning (it runs,
+    emulated, tens of times slower than ``32-true``)."""
     on_cuda = accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
     if precision == "auto":
         if on_cuda:
             return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         return "bf16-mixed" if cpu_has_bf16_units() else "32-true"
-    if str(precision).startswith("16") and not on_cuda:  # what Lightning does, said here so it is recorded right
-        log.warning("trainer.precision=%s: fp16 autocast does not exist on a CPU; training in bf16-mixed instead",
-                    precision)
-        precision = "bf16-mixed"
+    if str(precision).startswith("16") and accelerator in ("cpu", "auto") and not on_cuda:
+        fallback = "bf16-mixed" if cpu_has_bf16_units() else "32-true"  # the fast one of the two on this CPU
+        log.warning("trainer.precision=%s: fp16 autocast does not exist on a CPU; training in %s instead",
+                    precision, fallback)
+        precision = fallback
     if str(precision).startswith("bf16") and not on_cuda and not cpu_has_bf16_units():  # 32 may come as an int
         log.warning("trainer.precision=%s on a CPU without AMX or AVX-512 BF16: bf16 matrix multiplies are emulated "
                     "here, tens of times slower than 32-true (which trainer.precision=auto picks on this CPU)",
@@ -225,10 +227,18 @@ def fail_open_stages() -> None:
 
 
 class Stage:
-    """Plumbing of one stage run: loggers, Trainer with resumable checkpoints, metrics and outputs."""
+    """Plumbing of one stage run: loggers, Trainer with resumable checkpoints, metrics and outputs.
+
+    Raises:
+        ValueError: when ``out_dir`` is one of ``inputs`` or holds one (writing the output would overwrite it).
+    """
 
     def __init__(self, name: str, cfg: DictConfig, out_dir: str | Path, inputs: list[str | Path]) -> None:
         self.name, self.cfg, self.out_dir = name, cfg, Path(out_dir)
+        for inp in inputs:
+            if Path(inp).resolve() == self.out_dir.resolve() or self.out_dir.resolve() in Path(inp).resolve().parents:
+                raise ValueError(f"out_dir={out_dir} is or holds this stage's input {inp}: writing the output there "
+                                 "would overwrite it; choose another folder")
         self.rank_zero = is_rank_zero()  # under DDP the other ranks only train: no trackers, lineage or log lines
         keep_freed_host_memory()
         self.pipeline_run = pipeline_run_id()
@@ -407,9 +417,15 @@ class StepProgressBar(RichProgressBar):
         return self.stage
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.train_progress_bar_id is not None:  # one bar for the whole run: not reset at each epoch
+        if self.train_progress_bar_id is None:  # one bar for the whole run: not reset at each epoch
+            super().on_train_epoch_start(trainer, pl_module)
+        self._begin(trainer)
+
+    def _begin(self, trainer) -> None:
+        """Once per run: the bar from the step the run starts at, and the clock of the log lines. At the first
+        epoch start, or at the first batch end of a run resumed mid-epoch (Lightning skips the epoch start)."""
+        if self._start is not None:
             return
-        super().on_train_epoch_start(trainer, pl_module)
         if self.progress is not None and self.train_progress_bar_id is not None:
             # Resumed runs start at their step (reset, not update: the jump would count in Rich's speed).
             self.progress.reset(self.train_progress_bar_id, total=self.total_train_batches,
@@ -419,6 +435,7 @@ class StepProgressBar(RichProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
+        self._begin(trainer)
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
