@@ -69,19 +69,17 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     # Runs are bounded by max_steps, and the last step's metrics are always logged (is_log_step).
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     cfg = validate(stage, cfg, source)
-    if "trainer" in cfg and cfg.trainer.accelerator in ("gpu", "cuda"):  # here, not in validate: params may be
-        import torch                                                      # composed for another machine
-
-        if not torch.cuda.is_available():
-            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.accelerator={cfg.trainer.accelerator}, but this "
-                     f"torch ({torch.__version__}) sees no CUDA GPU; use trainer=cpu")
-    if "trainer" in cfg:  # Lightning's registry: known once Lightning is imported, so here rather than in validate
+    if "trainer" in cfg:  # here, not in validate: params may be composed for another machine, without Lightning
+        import torch
         from lightning.pytorch.strategies import StrategyRegistry
 
-        known = StrategyRegistry.available_strategies()
-        if cfg.trainer.strategy != "auto" and cfg.trainer.strategy not in known:
-            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.strategy={cfg.trainer.strategy!r} is not a "
-                     "Lightning strategy; expected auto, ddp, fsdp, deepspeed, ... (Lightning's StrategyRegistry has them all)")
+        t = cfg.trainer
+        if t.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.accelerator={t.accelerator}, but this "
+                     f"torch ({torch.__version__}) sees no CUDA GPU; use trainer=cpu")
+        if t.strategy != "auto" and t.strategy not in StrategyRegistry.available_strategies():
+            sys.exit(f"llmstages {stage}: {source}: {stage}.trainer.strategy={t.strategy!r} is not a Lightning "
+                     "strategy; expected auto, ddp, fsdp, deepspeed, ... (Lightning's StrategyRegistry has them all)")
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     _check_writable(stage, out)  # before training, not after it
     try:

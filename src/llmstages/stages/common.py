@@ -235,8 +235,9 @@ class Stage:
 
     def __init__(self, name: str, cfg: DictConfig, out_dir: str | Path, inputs: list[str | Path]) -> None:
         self.name, self.cfg, self.out_dir = name, cfg, Path(out_dir)
+        out = self.out_dir.resolve()
         for inp in inputs:
-            if Path(inp).resolve() == self.out_dir.resolve() or self.out_dir.resolve() in Path(inp).resolve().parents:
+            if out == Path(inp).resolve() or out in Path(inp).resolve().parents:
                 raise ValueError(f"out_dir={out_dir} is or holds this stage's input {inp}: writing the output there "
                                  "would overwrite it; choose another folder")
         self.rank_zero = is_rank_zero()  # under DDP the other ranks only train: no trackers, lineage or log lines
