@@ -10,7 +10,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from llmstages.data.build import build_data, docstring_qa, first_sentence, iter_documents
+from llmstages.data.build import build_data, iter_documents
+from llmstages.data.tasks import docstring_qa, explain_rows, first_sentence
 from llmstages.data.corpus import is_val_doc
 from llmstages.tokenizer import load_tokenizer
 
@@ -27,7 +28,7 @@ DOCS = {
 FILES = ["tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json", "metrics.json"] + [
     f"{k}_{s}.jsonl" for k in ("sft", "pref", "prompts") for s in ("train", "val")
 ]
-KW = dict(vocab_size=300, arithmetic_max=5, val_fraction=0.3, progress=False)
+KW = dict(vocab_size=300, arithmetic_max=5, val_fraction=0.3, arithmetic_corpus_passes=0, progress=False)
 ARITH = re.compile(r"What's (\d+) ([+-]) (\d+)\?")
 
 
@@ -103,7 +104,7 @@ def test_task_sets(built):
     prompts = jsonl(out / "prompts_train.jsonl") + jsonl(out / "prompts_val.jsonl")
     arith = [r for r in prompts if r["task"] == "arithmetic"]
     assert len(arith) == 36 + 21 and len({r["prompt"] for r in prompts}) == len(prompts)
-    assert {r["task"] for r in prompts} == {"arithmetic", "docstring"}
+    assert {r["task"] for r in prompts} == {"arithmetic", "docstring", "explain"}
     for r in arith:
         a, op, b = ARITH.fullmatch(r["prompt"]).groups()
         assert r["answer"] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
@@ -111,9 +112,18 @@ def test_task_sets(built):
     val = jsonl(out / "prompts_val.jsonl")
     assert Counter(r["task"] for r in val)["arithmetic"] == round(57 * 0.1)
     answers = {r["prompt"]: r["answer"] for r in prompts}
+    technical = {r["prompt"]: r["rejected"] for r in explain_rows()}
     sft = jsonl(out / "sft_train.jsonl") + jsonl(out / "sft_val.jsonl")
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
-    assert sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft) == sorted(answers.items())
+    qa = sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] != "explain")
+    assert qa == sorted((q, a) for q, a in answers.items() if q not in technical)
+    explain_sft = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] == "explain"]
+    simple = sum(a == answers[q] for q, a in explain_sft)
+    assert len(explain_sft) == len(technical) and all(a in (answers[q], technical[q]) for q, a in explain_sft)
+    assert 0.1 < simple / len(explain_sft) < 0.4  # mostly the technical answer (EXPLAIN_SIMPLE_SFT = 0.25)
+    topics = {split: {r["topic"] for r in explain_rows() if r["prompt"] in
+                      {x["prompt"] for x in jsonl(out / f"prompts_{split}.jsonl")}} for split in ("train", "val")}
+    assert topics["val"] and not topics["train"] & topics["val"]  # explain prompts are held out by topic
     pref = jsonl(out / "pref_train.jsonl") + jsonl(out / "pref_val.jsonl")
     for r in pref:
         assert r["prompt"] == [{"role": "user", "content": r["prompt"][0]["content"]}]
@@ -122,6 +132,8 @@ def test_task_sets(built):
     for r in pref:
         assert set(r) == {"prompt", "chosen", "rejected", "task"}
         assert r["chosen"] == answers[r["prompt"]] and r["rejected"] != r["chosen"]
+        if r["task"] == "explain":
+            assert r["rejected"] == technical[r["prompt"]]
         if r["task"] == "arithmetic":
             assert per_q[r["prompt"]] == 2 and int(r["rejected"]) >= 0
         else:
@@ -267,7 +279,7 @@ def test_failure_keeps_existing_out_dir(built, corpus, tmp_path):
 
 def test_default_stdlib_corpus(tmp_path):
     t0 = time.perf_counter()
-    m = build_data(tmp_path / "d", max_corpus_mb=0.5, vocab_size=512, progress=False)
+    m = build_data(tmp_path / "d", max_corpus_mb=0.5, vocab_size=512, arithmetic_corpus_passes=0, progress=False)
     assert time.perf_counter() - t0 < 20
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     names = meta["train_docs"] + meta["val_docs"]
@@ -276,7 +288,7 @@ def test_default_stdlib_corpus(tmp_path):
     assert 0 < m["corpus_mb"] <= 0.5 and m["vocab_size"] == 512
     assert (meta["train_bytes"] + meta["val_bytes"]) / 1e6 == m["corpus_mb"]
     assert m["train_tokens"] > 0 and m["val_tokens"] > 0 and m["unigram_entropy_nats"] > 3
-    assert m["n_prompts_train"] + m["n_prompts_val"] > 300  # 672 arithmetic + docstring questions
+    assert m["n_prompts_train"] + m["n_prompts_val"] > 15_050  # 15,050 arithmetic + docstring + explain questions
     tok = load_tokenizer(tmp_path / "d")
     first = next(iter_documents(tmp_path / "d" / "val.bin", tok.eos_id))
     assert tok.decode(first.tolist()).encode()  # decodes to real text
@@ -293,3 +305,19 @@ def test_user_sft_with_a_single_prompt_is_refused(tmp_path):
         build_data(tmp_path / "out", corpus=[str(tmp_path / "c*.txt")], vocab_size=300, sft={"path": str(sft)},
                    progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_training_sums_are_in_the_corpus_and_held_out_ones_never(corpus, tmp_path):
+    out = tmp_path / "d"
+    build_data(out, corpus=[str(corpus / "*.txt")], **{**KW, "arithmetic_corpus_passes": 2})
+    meta = json.loads((out / "meta.json").read_text())
+    tok = load_tokenizer(out)
+    text = "".join(tok.decode(d.tolist()) for split in ("train", "val")
+                   for d in iter_documents(out / f"{split}.bin", tok.eos_id, meta["dtype"]))
+    lines = Counter(line for line in text.splitlines() if line.startswith("What's "))
+    train = {f"{r['prompt']} {r['answer']}" for r in jsonl(out / "prompts_train.jsonl") if r["task"] == "arithmetic"}
+    held_out = [r["prompt"] for r in jsonl(out / "prompts_val.jsonl") if r["task"] == "arithmetic"]
+    assert set(lines) == train and set(lines.values()) == {2}  # every training sum, solved, once per pass
+    assert held_out and not any(line.startswith(q) for q in held_out for line in lines)
+    names = meta["train_docs"] + meta["val_docs"]
+    assert sum(n.startswith("arithmetic[") for n in names) == 2  # 36 + 21 - 6 held out = 51 lines, 256 a document

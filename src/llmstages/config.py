@@ -124,8 +124,9 @@ class DataStageSchema:
     vocab_size: int = 4096
     tokenizer_sample_mb: float = 64.0
     val_fraction: float = 0.05
-    arithmetic_max: int = 20
+    arithmetic_max: int = 99
     heldout_fraction: float = 0.1
+    arithmetic_corpus_passes: int = 8
     seed: int = 1234
     objective: ObjectiveSchema = _objective("train_tokens", "maximize")
 
@@ -156,7 +157,7 @@ class SFTSchema(TrainStageSchema):
     long_prompt: str = "truncate_left"  # truncate_left | drop
     packing: bool = False
     eval_max_new_tokens: int = 24
-    eval_limit: int = 200
+    eval_limit: int = 600
     objective: ObjectiveSchema = _objective("exact_match", "maximize")
 
 
@@ -233,9 +234,10 @@ class RLHFSchema:
     policy_from: str = "outputs/sft"
     reward_from: str = "outputs/reward"
     out_dir: Optional[str] = None
-    eval_limit: int = 200
+    eval_limit: int = 600
     eval_max_new_tokens: int = 24
     num_workers: int = 0
+    balance_tasks: bool = True
     objective: ObjectiveSchema = _objective("rlhf_reward", "maximize")
 
 

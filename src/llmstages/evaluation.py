@@ -1,20 +1,35 @@
-"""Held-out evaluation by generation: exact match, response length, EOS rate, reward-model score."""
+"""Held-out evaluation: exact match by greedy generation (per task, with Wilson 95% intervals), response length,
+EOS rate, reward-model score, and preference accuracy (chosen vs rejected log-probability)."""
 
 from __future__ import annotations
 
+import math
 import random
+from collections import defaultdict
+
+from functools import partial
+from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
+from .data.datasets import PreferenceDataset, collate_pairs
+from .data.formats import read_canonical
 from .generation import Generation, generate, positions_from_mask
+from .losses import sequence_logprobs
 from .model import GPT, ScalarHead, last_token_index
 
 
 def eval_subset(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
-    """A fixed, seeded sample of at most ``limit`` rows (``0`` = all), kept in file order."""
-    if not limit or len(rows) <= limit:
+    """A fixed, seeded sample of at most ``limit`` rows of each ``task`` (``0`` = all), kept in file order."""
+    if not limit:
         return rows
-    keep = set(random.Random(seed).sample(range(len(rows)), limit))
+    by_task = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_task[r.get("task")].append(i)
+    keep = set()
+    for task, idx in by_task.items():
+        keep |= set(idx) if len(idx) <= limit else set(random.Random(f"{seed}:{task}").sample(idx, limit))
     return [r for i, r in enumerate(rows) if i in keep]
 
 
@@ -52,18 +67,101 @@ def generate_answers(model: GPT, tok, prompts: list[str], max_new_tokens: int, b
     return texts, gens
 
 
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``k / n`` (Wilson 1927; Agresti & Coull 1998, eq. 2): the 95%
+    interval by default. Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n.
+
+    Raises:
+        ValueError: ``n < 1`` or ``k`` outside ``0..n``.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(name: str, hits: list[bool]) -> dict[str, float]:
+    """``{name, name_ci95_low, name_ci95_high}``: the fraction of true ``hits`` and its Wilson 95% interval;
+    empty for no hits."""
+    if not hits:
+        return {}
+    low, high = wilson_interval(sum(hits), len(hits))
+    return {name: sum(hits) / len(hits), f"{name}_ci95_low": low, f"{name}_ci95_high": high}
+
+
 def answer_metrics(rows: list[dict], responses: list[str], gens: list[Generation]) -> dict[str, float]:
-    """Exact match overall and on arithmetic, mean response length (tokens) and fraction ending in EOS."""
+    """Exact match overall and per ``task`` (``exact_match_<task>``), each with its Wilson 95% interval
+    (:func:`proportion`), the number of questions per task (``questions_<task>``), mean response length (tokens)
+    and the fraction of responses ending in EOS."""
     hits = [normalise(r) == normalise(row["answer"]) for row, r in zip(rows, responses)]
-    arith = [h for h, row in zip(hits, rows) if row.get("task") == "arithmetic"]
+    by_task = defaultdict(list)
+    for h, row in zip(hits, rows):
+        by_task[row.get("task") or "user"].append(h)
     lengths = torch.cat([g.response_mask.sum(1).float() for g in gens])
     finished = torch.cat([g.finished.float() for g in gens])
-    return {
-        "exact_match": sum(hits) / max(1, len(hits)),
-        "exact_match_arithmetic": sum(arith) / max(1, len(arith)),
-        "mean_response_tokens": float(lengths.mean()),
-        "eos_fraction": float(finished.mean()),
-    }
+    out = proportion("exact_match", hits)
+    for task in sorted(by_task):
+        out |= {**proportion(f"exact_match_{task}", by_task[task]), f"questions_{task}": len(by_task[task])}
+    return {**out, "mean_response_tokens": float(lengths.mean()), "eos_fraction": float(finished.mean())}
+
+
+def pair_logprobs(model: GPT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probabilities (nats) of the chosen ``(B,)`` and rejected ``(B,)`` rows of a
+    :func:`~llmstages.data.datasets.collate_pairs` batch (``tokens``/``loss_mask`` ``(2B, T)``)."""
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    logp = sequence_logprobs(model(tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
+    return logp.chunk(2)
+
+
+def task_balanced(name: str, values: torch.Tensor, tasks: list[str]) -> dict[str, float]:
+    """``{name_<task>: mean over that task's rows}`` for each task and ``{name: the mean of those means}``: a
+    task-balanced average, so that a task with many held-out rows (arithmetic) does not drown the others."""
+    means = {t: float(values[[i for i, x in enumerate(tasks) if x == t]].float().mean()) for t in sorted(set(tasks))}
+    return {name: sum(means.values()) / len(means), **{f"{name}_{t}": v for t, v in means.items()}}
+
+
+def win_rate(scores: torch.Tensor, base_scores: torch.Tensor, tasks: list[str]) -> dict[str, float]:
+    """Win rate of responses scored ``scores`` ``(n,)`` against ``base_scores`` ``(n,)`` on the same prompts, a
+    tie counting half (as in AlpacaEval), task-balanced (:func:`task_balanced`): ``win_rate`` and
+    ``win_rate_<task>``; ``tie_rate`` is the task-balanced fraction of ties (e.g. identical answers)."""
+    wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()
+    return {**task_balanced("win_rate", wins, tasks), "tie_rate": task_balanced("t", scores == base_scores, tasks)["t"]}
+
+
+def heldout_pairs(path: Path, tok, max_len: int, batch_size: int = 64) -> tuple[DataLoader, list[str]]:
+    """The held-out preference pairs of ``path`` (canonical JSONL) as a DataLoader of
+    :func:`~llmstages.data.datasets.collate_pairs` batches in file order, and each kept pair's task."""
+    pairs = PreferenceDataset(read_canonical(path, "preference"), tok, max_len, "truncate_left", str(path))
+    return DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id)), pairs.tasks
+
+
+@torch.no_grad()
+def preference_accuracy(model: GPT, batches, tasks: list[str] | None = None) -> dict[str, float]:
+    """Preference accuracy of a policy: the fraction of held-out pairs whose chosen response has a higher
+    summed log-probability (response tokens and EOS, nats) than the rejected one, overall and per task (the
+    ``task`` of each pair, in loader order), each with its Wilson 95% interval (:func:`proportion`).
+
+    ``batches``: an iterable of :func:`~llmstages.data.datasets.collate_pairs` batches (e.g. a DataLoader over a
+    :class:`~llmstages.data.datasets.PreferenceDataset`, not shuffled).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    hits: list[bool] = []
+    for batch in batches:
+        chosen, rejected = pair_logprobs(model, {k: v.to(device) for k, v in batch.items()})
+        hits += (chosen > rejected).tolist()
+    model.train(was_training)
+    out = proportion("preference_accuracy", hits)
+    if tasks:
+        by_task = defaultdict(list)
+        for h, t in zip(hits, tasks):
+            by_task[t].append(h)
+        for task in sorted(by_task):
+            out |= proportion(f"preference_accuracy_{task}", by_task[task])
+    return out
 
 
 

@@ -18,13 +18,10 @@ layout of ``out_dir``::
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
 import sysconfig
@@ -38,17 +35,14 @@ from llmstages.checkpoint import write_json
 from llmstages.data.corpus import Piece, corpus_bytes, is_val_doc, iter_corpus, token_dtype, write_token_files
 from llmstages.data.formats import load_preferences, load_sft
 from llmstages.data.jsonio import iter_jsonl, require_fields
+from llmstages.data.tasks import (EXPLAIN_SIMPLE_SFT, arith_rejects, arithmetic_documents, arithmetic_qa, docstring_qa,
+                                  explain_rows)
 from llmstages.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger("llmstages")
 MB = 1_000_000  #: bytes per "megabyte" in ``max_corpus_mb`` / ``corpus_mb``
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
-DOC_MODULES = (
-    "base64", "bisect", "calendar", "collections", "colorsys", "copy", "difflib", "fnmatch",
-    "functools", "glob", "hashlib", "heapq", "html", "itertools", "json", "keyword", "math",
-    "operator", "os.path", "random", "re", "secrets", "shlex", "shutil", "statistics", "string",
-    "struct", "textwrap", "urllib.parse", "uuid", "zlib",
-)
+
 
 
 
@@ -82,91 +76,6 @@ def _stdlib_pieces(seed: int, max_bytes: int | None) -> Iterator[Piece]:
 
 
 # --------------------------------------------------------------------------- task sets
-def arithmetic_qa(max_n: int) -> list[tuple[str, str]]:
-    """``("What's a op b?", answer)`` for a, b in 0..max_n, op in "+", "-" (a >= b for "-")."""
-    qa = []
-    for a in range(max_n + 1):
-        for b in range(max_n + 1):
-            qa.append((f"What's {a} + {b}?", str(a + b)))
-            if a >= b:
-                qa.append((f"What's {a} - {b}?", str(a - b)))
-    return qa
-
-
-def first_sentence(doc: str | None, name: str) -> str | None:
-    """First sentence of a docstring's first paragraph (whitespace collapsed), or None.
-
-    None if there is no docstring, the paragraph starts with ``name(`` (a C signature
-    line), or the sentence is shorter than 10 / longer than 200 characters.
-    """
-    if not doc:
-        return None
-    para = " ".join(re.split(r"\n\s*\n", doc.strip(), maxsplit=1)[0].split())
-    if para.startswith(name + "("):
-        return None
-    m = re.search(r"\.(?=\s|$)", para)
-    s = para[: m.end()] if m else para
-    return s if 10 <= len(s) <= 200 else None
-
-
-def docstring_qa(modules: tuple[str, ...] = DOC_MODULES) -> list[tuple[str, str]]:
-    """``("What does mod.fn do?", first sentence)`` for public documented callables, sorted.
-
-    Skips aliases (``obj.__name__ != name``) and classes without a docstring of their own.
-    """
-    qa = []
-    for modname in sorted(modules):
-        mod = importlib.import_module(modname)
-        names = getattr(mod, "__all__", None) or dir(mod)
-        for name in sorted(set(names)):
-            obj = getattr(mod, name, None)
-            if name.startswith("_") or obj is None or inspect.ismodule(obj) or not callable(obj):
-                continue
-            if getattr(obj, "__name__", name) != name:  # alias (bisect.bisect) or bound builtin
-                continue
-            if inspect.isclass(obj) and vars(obj).get("__doc__") in (None, "An enumeration."):
-                continue  # docstring inherited from a base class
-            s = first_sentence(inspect.getdoc(obj), name)
-            if s:
-                qa.append((f"What does {modname}.{name} do?", s))
-    return qa
-
-
-ARITH_PROMPT = re.compile(r"What's (\d+) ([+-]) (\d+)\?")
-
-
-def arith_slips(prompt: str, answer: str) -> dict[str, list[int]]:
-    """Plausible wrong answers to an arithmetic question, by kind of slip.
-
-    ``carry`` (a carry dropped or added: ±10), ``transposed`` (the answer's two digits swapped),
-    ``operation`` (the other operation applied), ``off_by_one`` (±1). Only non-negative values that differ
-    from the answer are kept.
-    """
-    a, op, b = ARITH_PROMPT.fullmatch(prompt).groups()
-    a, b, x = int(a), int(b), int(answer)
-    slips = {"carry": [x + 10, x - 10], "transposed": [int(str(x)[::-1])] if len(str(x)) == 2 else [],
-             "operation": [a - b if op == "+" else a + b], "off_by_one": [x + 1, x - 1]}
-    return {k: [v for v in vals if v >= 0 and v != x] for k, vals in slips.items()}
-
-
-def _arith_rejects(prompt: str, answer: str, seed: int, k: int = 2) -> list[str]:
-    """``k`` distinct plausible wrong answers of different slip kinds (:func:`arith_slips`), seeded per question.
-
-    Carry, transposition and operation slips come first (in a seeded order); off-by-one only fills in when
-    fewer than ``k`` of those apply.
-    """
-    rng = random.Random(f"{seed}:{prompt}")
-    slips = arith_slips(prompt, answer)
-    kinds = [kd for kd in ("carry", "transposed", "operation") if slips[kd]]
-    rng.shuffle(kinds)
-    out: list[int] = []
-    for kind in [*kinds, "off_by_one", "off_by_one"]:
-        options = [v for v in slips[kind] if v not in out]
-        if options and len(out) < k:
-            out.append(rng.choice(options))
-    return [str(v) for v in out]
-
-
 def _val_questions(questions: list[str], fraction: float, seed: int) -> set[str]:
     """Seeded choice of ``round(n * fraction)`` (>= 1 when fraction > 0 and n > 1) held-out questions."""
     order = list(dict.fromkeys(questions))
@@ -195,27 +104,39 @@ def _chat(prompt: str, response: str | None = None) -> list[dict]:
 
 
 def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str, list[dict]]:
-    """Default sft/pref/prompts rows for both splits, keyed like ``"sft_train"``, in the canonical forms.
+    """Default sft/pref/prompts rows for both splits, keyed like ``"sft_train"``, in the canonical forms
+    (tasks: :mod:`llmstages.data.tasks`).
 
-    Docstring rejections are drawn from the same split's answers, so train/val stay disjoint.
+    Arithmetic and docstring questions are split by question, ``explain`` prompts by topic. Docstring
+    rejections are drawn from the same split's answers, so train/val stay disjoint. An ``explain`` prompt's SFT
+    answer is its simple one with probability ``EXPLAIN_SIMPLE_SFT`` (seeded per prompt), else its technical
+    one; its preference pair always prefers the simple one.
     """
     qa = [(q, a, "arithmetic") for q, a in arithmetic_qa(arithmetic_max)]
     qa += [(q, a, "docstring") for q, a in docstring_qa()]
     base = [{"prompt": q, "answer": a, "task": t} for q, a, t in qa]
+    explain = explain_rows()
+    val_topics = _val_questions([r["topic"] for r in explain], fraction, seed)
     out: dict[str, list[dict]] = {}
     for split, rows in zip(("train", "val"), _split_rows(base, fraction, seed)):
-        out[f"prompts_{split}"] = rows
-        out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], r["answer"]), "task": r["task"]} for r in rows]
+        ex = [r for r in explain if (r["topic"] in val_topics) == (split == "val")]
+        out[f"prompts_{split}"] = rows + [{"prompt": r["prompt"], "answer": r["answer"], "task": "explain"} for r in ex]
+        sft_answer = {r["prompt"]: r["answer" if random.Random(f"{seed}:{r['prompt']}").random() < EXPLAIN_SIMPLE_SFT
+                                     else "rejected"] for r in ex}
+        out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], sft_answer.get(r["prompt"], r["answer"])),
+                                "task": r["task"]} for r in out[f"prompts_{split}"]]
         doc_answers = [r["answer"] for r in rows if r["task"] == "docstring"]
         pref = []
         for r in rows:
             if r["task"] == "arithmetic":
-                rejects = _arith_rejects(r["prompt"], r["answer"], seed)
+                rejects = arith_rejects(r["prompt"], r["answer"], seed)
             else:
                 others = [a for a in doc_answers if a != r["answer"]]
                 rejects = [random.Random(f"{seed}:{r['prompt']}").choice(others)] if others else []
             pref += [{"prompt": _chat(r["prompt"]), "chosen": r["answer"], "rejected": x, "task": r["task"]}
                      for x in rejects]
+        pref += [{"prompt": _chat(r["prompt"]), "chosen": r["answer"], "rejected": r["rejected"], "task": "explain"}
+                 for r in ex]
         out[f"pref_{split}"] = pref
     return out
 
@@ -264,8 +185,9 @@ def build_data(
     tokenizer_sample_mb: float = 64.0,
     val_fraction: float = 0.05,
     seed: int = 1234,
-    arithmetic_max: int = 20,
+    arithmetic_max: int = 99,
     heldout_fraction: float = 0.1,
+    arithmetic_corpus_passes: int = 8,
     sft: dict | None = None,
     preference: dict | None = None,
     progress: bool = True,
@@ -286,6 +208,9 @@ def build_data(
         seed: seeds every random choice (document split, question split, rejected answers).
         arithmetic_max: operands of the arithmetic task range over 0..arithmetic_max.
         heldout_fraction: fraction of prompts (per task) held out for the ``*_val`` task files.
+        arithmetic_corpus_passes: times each training arithmetic question is added, solved, to the corpus as
+            plain text (:func:`llmstages.data.tasks.arithmetic_documents`, after the corpus' own documents and
+            beyond ``max_corpus_mb``); held-out questions never are. 0: none.
         sft / preference: ``{"path", "format", "columns", "system_prompt"}`` of a user file replacing the
             built-in set (see :mod:`llmstages.data.formats`); None or no path -> the built-in set.
         progress: show rich progress bars while reading and tokenizing.
@@ -310,6 +235,8 @@ def build_data(
         raise ValueError(f"max_corpus_mb={max_corpus_mb} must be > 0 (or None for no cap)")
     if arithmetic_max < 0:
         raise ValueError(f"arithmetic_max={arithmetic_max} must be >= 0")
+    if arithmetic_corpus_passes < 0:
+        raise ValueError(f"arithmetic_corpus_passes={arithmetic_corpus_passes} must be >= 0")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out_dir exists and is not a directory: {out}")
@@ -321,7 +248,8 @@ def build_data(
                               hf_split=hf_split, max_corpus_mb=max_corpus_mb, tokenizer=tokenizer or {},
                               vocab_size=vocab_size, tokenizer_sample_mb=tokenizer_sample_mb,
                               val_fraction=val_fraction, seed=seed, arithmetic_max=arithmetic_max,
-                              heldout_fraction=heldout_fraction, sft=sft or {}, preference=preference or {},
+                              heldout_fraction=heldout_fraction, arithmetic_corpus_passes=arithmetic_corpus_passes,
+                              sft=sft or {}, preference=preference or {},
                               progress=progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -355,8 +283,8 @@ def _user_sets(tasks: dict, sft: dict, preference: dict, fraction: float, seed: 
 
 
 def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_corpus_mb, tokenizer, vocab_size,
-                tokenizer_sample_mb, val_fraction, seed, arithmetic_max, heldout_fraction, sft, preference,
-                progress) -> dict:
+                tokenizer_sample_mb, val_fraction, seed, arithmetic_max, heldout_fraction, arithmetic_corpus_passes,
+                sft, preference, progress) -> dict:
     # Task sets first: user-file errors surface before the expensive corpus work.
     tasks = _default_tasks(arithmetic_max, seed, heldout_fraction)
     user_counts = _user_sets(tasks, sft, preference, heldout_fraction, seed)
@@ -364,11 +292,20 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
     max_bytes = None if max_corpus_mb is None else int(max_corpus_mb * MB)
     dropped: Counter = Counter()
 
-    def pieces() -> Iterator[Piece]:  # a fresh pass over the corpus
+    arith_train = [r for r in tasks["prompts_train"] if r["task"] == "arithmetic"]
+
+    def pieces() -> Iterator[Piece]:  # a fresh pass over the corpus, then the solved arithmetic questions
         if not corpus:
-            return _stdlib_pieces(seed, max_bytes)
-        return iter_corpus(list(corpus), corpus_format, text_column, max_bytes=max_bytes, hf_split=hf_split,
-                           dropped=dropped)
+            docs = _stdlib_pieces(seed, max_bytes)
+        else:
+            docs = iter_corpus(list(corpus), corpus_format, text_column, max_bytes=max_bytes, hf_split=hf_split,
+                               dropped=dropped)
+        n = -1
+        for p in docs:
+            n = p.doc
+            yield p
+        for i, text in enumerate(arithmetic_documents(arith_train, arithmetic_corpus_passes, seed)):
+            yield Piece(n + 1 + i, f"arithmetic[{i}]", text, True)
 
     if tokenizer.get("path"):
         tok = load_tokenizer(tokenizer["path"], bos_token=tokenizer.get("bos_token"),
@@ -380,6 +317,8 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
     total = corpus_bytes(list(corpus), corpus_format) if corpus else max_bytes
     if total is not None and max_bytes is not None:
         total = min(total, max_bytes)
+    if total is not None:
+        total += arithmetic_corpus_passes * sum(len(f"{r['prompt']} {r['answer']}\n") for r in arith_train)
     try:
         st = write_token_files(pieces(), tok.tok, tok.eos_id, tmp / "train.bin", tmp / "val.bin", seed=seed,
                                val_fraction=val_fraction, vocab_size=tok.vocab_size, progress=progress,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, WeightedRandomSampler
 
 from .build import read_jsonl  # noqa: F401  (re-exported for the stages)
 
@@ -200,7 +200,7 @@ class PreferenceDataset(Dataset):
     """Chosen/rejected pairs ``{"prompt": [messages], "chosen": str, "rejected": str}``, each rendered as a whole
     chat: item ``(chosen_ids, rejected_ids, chosen_loss_mask, rejected_loss_mask)``, the masks 1 on the final
     response tokens and EOS. Both sides keep the same (possibly left-truncated) prompt. ``stats`` as in
-    :class:`SFTDataset`.
+    :class:`SFTDataset`; ``tasks`` holds each kept pair's ``task`` (``"user"`` where the row has none).
 
     Raises:
         ValueError: ``long_prompt`` is not a policy, or every pair was dropped (with the counts).
@@ -210,7 +210,7 @@ class PreferenceDataset(Dataset):
                  source: str = "preference set") -> None:
         if long_prompt not in LONG_PROMPT_POLICIES:
             raise ValueError(f"long_prompt={long_prompt!r}: expected one of {list(LONG_PROMPT_POLICIES)}")
-        self.stats, self.items = EncodeStats(read=len(rows)), []
+        self.stats, self.items, self.tasks = EncodeStats(read=len(rows)), [], []
         for r in rows:
             prompt = tok.encode_prompt(r["prompt"])
             resps = [tok.encode(r[k]) + [tok.eos_id] for k in ("chosen", "rejected")]
@@ -221,6 +221,7 @@ class PreferenceDataset(Dataset):
             ctx, ctx_mask, (c, j), truncated = fit
             self.stats.truncated += truncated
             self.items.append((ctx + c, ctx + j, ctx_mask + [1] * len(c), ctx_mask + [1] * len(j)))
+            self.tasks.append(r.get("task") or "user")
         self.stats.kept = len(self.items)
         self.stats.tokens = sum(len(i[0]) + len(i[1]) for i in self.items)
         self.stats.require_rows(f"{source} (max_len={max_len}, long_prompt={long_prompt})")
@@ -258,6 +259,15 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+
+def task_balanced_sampler(tasks: list[str], seed: int) -> WeightedRandomSampler:
+    """Draws ``len(tasks)`` items per epoch with replacement, every task equally often in expectation (item
+    weight ``1 / count(its task)``), seeded: a task with few rows (``explain``) is not drowned by a large one
+    (``arithmetic``)."""
+    counts = Counter(tasks)
+    weights = torch.tensor([1.0 / counts[t] for t in tasks], dtype=torch.double)
+    return WeightedRandomSampler(weights, len(tasks), replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
 def collate_prompts(batch) -> list[dict]:

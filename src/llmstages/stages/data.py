@@ -19,6 +19,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                          text_column=src["text_column"], hf_split=src["hf_split"], max_corpus_mb=src["max_corpus_mb"],
                          tokenizer=src["tokenizer"], vocab_size=cfg.vocab_size,
                          tokenizer_sample_mb=cfg.tokenizer_sample_mb, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                         arithmetic_max=cfg.arithmetic_max, heldout_fraction=cfg.heldout_fraction, sft=src["sft"],
+                         arithmetic_max=cfg.arithmetic_max, heldout_fraction=cfg.heldout_fraction,
+                         arithmetic_corpus_passes=cfg.arithmetic_corpus_passes, sft=src["sft"],
                          preference=src["preference"])
     return stage.finish(metrics)

@@ -15,18 +15,11 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 
-from ..losses import dpo_loss, sequence_logprobs
+from ..evaluation import pair_logprobs
+from ..losses import dpo_loss
 from ..model import GPT, param_groups
 from ..rollout import PhaseTimer
 from .common import adamw_with_schedule, freeze, manual_step
-
-
-def pair_logprobs(model: GPT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probabilities (nats) of the chosen ``(B,)`` and rejected ``(B,)`` rows of a
-    :func:`~llmstages.data.datasets.collate_pairs` batch (``tokens``/``loss_mask`` ``(2B, T)``)."""
-    tokens, mask = batch["tokens"], batch["loss_mask"]
-    logp = sequence_logprobs(model(tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
-    return logp.chunk(2)
 
 
 class DPOModule(L.LightningModule):

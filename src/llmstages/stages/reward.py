@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PreferenceDataset, collate_pairs
 from ..data.formats import read_canonical
-from ..evaluation import probe_answers, probe_rewards
+from ..evaluation import probe_answers, probe_rewards, proportion
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
@@ -62,6 +62,21 @@ class RewardModule(L.LightningModule):
         return adamw_with_schedule(groups, **self.optim)
 
 
+@torch.no_grad()
+def accuracy_by_task(module: RewardModule, pairs: DataLoader, tasks: list[str]) -> dict[str, float]:
+    """Pairwise accuracy (chosen scored above rejected) on ``pairs`` (not shuffled) per task, with Wilson 95%
+    intervals: ``val_accuracy_<task>`` (:func:`~llmstages.evaluation.proportion`)."""
+    module.eval()
+    hits: list[bool] = []
+    for batch in pairs:
+        chosen, rejected = module.scores(batch["tokens"], batch["mask"]).chunk(2)
+        hits += (chosen > rejected).tolist()
+    out: dict[str, float] = {}
+    for task in sorted(set(tasks)):
+        out |= proportion(f"val_accuracy_{task}", [h for h, t in zip(hits, tasks) if t == task])
+    return out
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train a reward model from ``init_from`` on ``<data_dir>/pref_train.jsonl``; return the metrics."""
     seed_everything(cfg.trainer.seed)
@@ -84,7 +99,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 writes the output
-    metrics = {"val_accuracy": final["val/accuracy"], "val_loss": final["val/loss"], "val_margin": final["val/margin"],
+    metrics = {"val_accuracy": final["val/accuracy"], **accuracy_by_task(module, val_dl, val.tasks),
+               "val_loss": final["val/loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
     stage.log_probes(probes, probe_texts, probe_rewards(module.model, module.head, probe_gen))

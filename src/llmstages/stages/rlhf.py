@@ -20,10 +20,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs, collate_prompts, read_jsonl
+from ..data.datasets import (PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs, collate_prompts, read_jsonl,
+                             task_balanced_sampler)
 from ..data.formats import read_canonical
-from ..evaluation import (answer_metrics, eval_subset, generate_answers, probe_answers, probe_rewards,
-                          reward_scores)
+from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy, probe_answers,
+                          probe_rewards, reward_scores, task_balanced, win_rate)
 from ..losses import kl_estimate
 from ..model import GPT, ScalarHead
 from ..rollout import response_logprobs, sample, sequence_reward_fn
@@ -47,11 +48,15 @@ def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_to
 
 
 def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, rows: list[dict],
-                 max_new_tokens: int) -> tuple[dict, torch.Tensor, list[str]]:
-    """Greedy responses on held-out prompts: answer metrics, per-prompt reward-model scores ``(n,)``, texts."""
+                 max_new_tokens: int, pairs: DataLoader, pair_tasks: list[str]) -> tuple[dict, torch.Tensor, list[str]]:
+    """Greedy responses on held-out prompts: answer metrics, the task-balanced reward-model score
+    (:func:`~llmstages.evaluation.task_balanced`), preference accuracy on the held-out ``pairs``; and the
+    per-prompt scores ``(n,)`` and texts."""
     texts, gens = generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
     scores = torch.cat([reward_scores(reward_model, reward_head, g.tokens, g.attention_mask) for g in gens])
-    return {**answer_metrics(rows, texts, gens), "reward": float(scores.mean())}, scores, texts
+    metrics = {**answer_metrics(rows, texts, gens), **task_balanced("reward", scores, [r["task"] for r in rows]),
+               **preference_accuracy(model, pairs, pair_tasks)}
+    return metrics, scores, texts
 
 
 def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
@@ -66,7 +71,9 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
         log_encoding("dpo", train=train.stats, val=val.stats)
         kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
                   num_workers=cfg.num_workers)
-        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, shuffle=True, drop_last=True, **kw),
+        order = (dict(sampler=task_balanced_sampler(train.tasks, cfg.trainer.seed)) if cfg.balance_tasks
+                 else dict(shuffle=True))
+        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, drop_last=True, **order, **kw),
                 DataLoader(val, **kw))
     c = dict(cfg[algo])
     max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
@@ -76,7 +83,9 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
     reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"])
     module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
-    loader = DataLoader(prompts, batch_size=n, shuffle=True, drop_last=True, collate_fn=collate_prompts)
+    order = (dict(sampler=task_balanced_sampler([p["task"] for p in prompts.items], cfg.trainer.seed))
+             if cfg.balance_tasks else dict(shuffle=True))
+    loader = DataLoader(prompts, batch_size=n, drop_last=True, collate_fn=collate_prompts, **order)
     frozen = (reward_model, reward_head) if "model" in c["reward"] else ()
     critic = {}
     if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
@@ -100,8 +109,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module, train_dl, val_dl = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     max_new = cfg.eval_max_new_tokens
+    pairs, pair_tasks = heldout_pairs(data_dir / "pref_val.jsonl", tok, policy.cfg.max_seq_len)
     if is_rank_zero():  # under DDP the other processes only train
-        sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new)
+        sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new, pairs,
+                                                    pair_tasks)
 
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])
     trainer = stage.trainer(gradient_clip_val=None, **({} if val_dl else {"limit_val_batches": 0}))
@@ -115,11 +126,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         extra = {"dpo_val_accuracy": final["val/accuracy"], "dpo_val_reward_margin": final["val/reward_margin"]}
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
-    rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new)
-    wins = (rl_scores > sft_scores).float() + 0.5 * (rl_scores == sft_scores).float()
+    rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new, pairs, pair_tasks)
+    wins = win_rate(rl_scores, sft_scores, [r["task"] for r in rows])
     prompts = [r["prompt"] for r in rows]
     metrics = {**{f"rlhf_{k}": v for k, v in rl_m.items()}, **{f"sft_{k}": v for k, v in sft_m.items()},
-               "win_rate_vs_sft": float(wins.mean()),
+               **{k.replace("_rate", "_rate_vs_sft", 1): v for k, v in wins.items()},
                "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new), "sft_kl_to_ref": 0.0,
                "algorithm": cfg.algorithm, "steps": trainer.global_step, "resumed_from_step": resumed,
                **extra, **{f"time_{k}_s": round(v, 1) for k, v in module.timer.seconds.items()}}

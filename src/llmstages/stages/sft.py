@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_sft, read_jsonl
 from ..data.formats import read_canonical
-from ..evaluation import answer_metrics, eval_subset, generate_answers, probe_answers
+from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
+                          probe_answers)
 from ..losses import next_token_loss
 from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
@@ -51,9 +52,11 @@ class SFTModule(L.LightningModule):
         return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
 
 
-def heldout_answers(model: GPT, tok, rows: list[dict], max_new_tokens: int) -> dict[str, float]:
+def heldout_answers(model: GPT, tok, rows: list[dict], max_new_tokens: int, pairs) -> dict[str, float]:
+    """Exact match of greedy answers to the held-out ``rows`` and preference accuracy on the held-out ``pairs``
+    (``(loader, tasks)`` of :func:`~llmstages.evaluation.heldout_pairs`)."""
     responses, gens = generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
-    return answer_metrics(rows, responses, gens)
+    return {**answer_metrics(rows, responses, gens), **preference_accuracy(model, *pairs)}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -67,7 +70,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log_encoding("sft", train=train.stats, val=val.stats)
     eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     # Scored by DDP rank 0 only (the other processes only train; they start when rank 0 starts training).
-    before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens) if is_rank_zero() else {}
+    pairs = heldout_pairs(data_dir / "pref_val.jsonl", tok, model.cfg.max_seq_len)
+    before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens, pairs) if is_rank_zero() else {}
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
     module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile)
@@ -79,7 +83,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
-    after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens)
+    after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens, pairs)
     metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
                "val_loss": val_loss,
                "train_examples": train.stats.kept, "train_sequences": len(train), "resumed_from_step": resumed,
