@@ -16,7 +16,7 @@ FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=2", "tra
 TINY = {
     "data": ["data.max_corpus_mb=0.3", "vocab_size=512", "arithmetic_max=5"],
     "pretrain": ["model=tiny", "batch_size=8", "seq_len=64", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                 "optim.warmup_steps=5", *FAST],
+                 "optim.lr=3e-3", "optim.warmup_steps=5", *FAST],
     "sft": ["batch_size=16", "max_len=64", "eval_limit=16", "eval_max_new_tokens=8", "trainer.max_steps=20",
             "trainer.val_check_interval=10", "optim.warmup_steps=2", *FAST],
     "reward": ["batch_size=16", "max_len=64", "trainer.max_steps=20", "trainer.val_check_interval=10",

@@ -28,7 +28,7 @@ DOCS = {
 FILES = ["tokenizer.json", "tokenizer_config.json", "train.bin", "val.bin", "meta.json", "metrics.json"] + [
     f"{k}_{s}.jsonl" for k in ("sft", "pref", "prompts") for s in ("train", "val")
 ]
-KW = dict(vocab_size=300, arithmetic_max=5, val_fraction=0.3, arithmetic_corpus_passes=0, progress=False)
+KW = dict(vocab_size=300, arithmetic_max=5, val_fraction=0.3, progress=False)
 ARITH = re.compile(r"What's (\d+) ([+-]) (\d+)\?")
 
 
@@ -115,8 +115,11 @@ def test_task_sets(built):
     technical = {r["prompt"]: r["rejected"] for r in explain_rows()}
     sft = jsonl(out / "sft_train.jsonl") + jsonl(out / "sft_val.jsonl")
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
-    qa = sorted((r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] != "explain")
-    assert qa == sorted((q, a) for q, a in answers.items() if q not in technical)
+    qa = Counter((r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] != "explain")
+    assert sorted(qa) == sorted((q, a) for q, a in answers.items() if q not in technical)
+    train_q = {r["prompt"] for r in jsonl(out / "prompts_train.jsonl")}
+    for (q, _), n in qa.items():  # small training sums (operands <= 20: all of them here) come 4 times
+        assert n == (4 if q in train_q and ARITH.fullmatch(q) else 1), q
     explain_sft = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] == "explain"]
     simple = sum(a == answers[q] for q, a in explain_sft)
     assert len(explain_sft) == len(technical) and all(a in (answers[q], technical[q]) for q, a in explain_sft)
@@ -307,17 +310,25 @@ def test_user_sft_with_a_single_prompt_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_training_sums_are_in_the_corpus_and_held_out_ones_never(corpus, tmp_path):
+def test_training_sums_are_in_the_default_corpus_and_held_out_ones_never(tmp_path):
     out = tmp_path / "d"
-    build_data(out, corpus=[str(corpus / "*.txt")], **{**KW, "arithmetic_corpus_passes": 2})
+    m = build_data(out, max_corpus_mb=0.05, vocab_size=300, arithmetic_max=5, arithmetic_corpus_passes=2,
+                   progress=False)
     meta = json.loads((out / "meta.json").read_text())
     tok = load_tokenizer(out)
     text = "".join(tok.decode(d.tolist()) for split in ("train", "val")
                    for d in iter_documents(out / f"{split}.bin", tok.eos_id, meta["dtype"]))
-    lines = Counter(line for line in text.splitlines() if line.startswith("What's "))
+    lines = Counter(line for line in text.splitlines() if line.startswith("What's ") and line.count("?") == 1
+                    and ARITH.match(line))
     train = {f"{r['prompt']} {r['answer']}" for r in jsonl(out / "prompts_train.jsonl") if r["task"] == "arithmetic"}
     held_out = [r["prompt"] for r in jsonl(out / "prompts_val.jsonl") if r["task"] == "arithmetic"]
     assert set(lines) == train and set(lines.values()) == {2}  # every training sum, solved, once per pass
-    assert held_out and not any(line.startswith(q) for q in held_out for line in lines)
+    assert held_out and not any(line.startswith(q + " ") for q in held_out for line in lines)
     names = meta["train_docs"] + meta["val_docs"]
-    assert sum(n.startswith("arithmetic[") for n in names) == 2  # 36 + 21 - 6 held out = 51 lines, 256 a document
+    assert sum(n.startswith("arithmetic[") for n in names) == m["arithmetic_docs"] == 2  # 51 lines, 256 a document
+    assert m["corpus_docs"] == len(names) - 2
+
+
+def test_a_corpus_of_your_own_gets_no_sums(built):
+    _, metrics = built
+    assert metrics["arithmetic_docs"] == 0

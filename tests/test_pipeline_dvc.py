@@ -127,7 +127,7 @@ def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
     (each in a temporary copy of the repo); `dvc exp show` and `dvc plots diff` compare them, and their MLflow runs
     land in the project's own store, tagged with the experiment names."""
     log = sh(repo, "dvc", "exp", "run", "--queue", "pretrain", "-S", "+experiment=tiny",
-             "-S", "pretrain.optim.lr=0.001,0.0003")
+             "-S", "pretrain.optim.lr=0.002,0.0003")
     names = re.findall(r"Queued experiment '([\w-]+)'", log)
     assert len(names) == 2, log
     try:
@@ -146,7 +146,7 @@ def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
     exps = {e["name"]: e["revs"][0]["data"] for rev in shown for e in rev.get("experiments") or []
             if e.get("name") in names}
     lrs = {n: d["params"]["params.yaml"]["data"]["pretrain"]["optim"]["lr"] for n, d in exps.items()}
-    assert sorted(lrs.values()) == [0.0003, 0.001]
+    assert sorted(lrs.values()) == [0.0003, 0.002]
     for data in exps.values():  # each ran data + pretrain and shows the params and metrics of all five stages
         stages = {"data", "pretrain", "sft", "reward", "rlhf"}
         assert {m.split("/")[1] for m in data["metrics"]} == stages <= set(data["params"]["params.yaml"]["data"])

@@ -457,3 +457,25 @@ def test_generate_drops_finished_rows_matches_alone(gen_model):
                 assert g.response_mask[i].tolist() == [1] * (s + 1) + [0] * (R - s - 1)
             assert g.attention_mask[i, 9:].tolist() == g.response_mask[i].tolist()
             assert g.attention_mask[i, :9].tolist() == [0] * (9 - len(p)) + [1] * len(p)
+
+
+def test_verifiable_or_model_reward_routes_by_task():
+    """Exact match (times its weight) for verifiable tasks, the reward model's score for the others."""
+    from llmstages.model import ScalarHead
+    from llmstages.rollout import sample, sequence_reward_fn
+    from llmstages.tokenizer import train_tokenizer
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(["What's 1 + 1? 2\n"] * 4, vocab_size=280)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2, max_seq_len=32))
+    head = ScalarHead(16)
+    r = sample(model, [tok.encode_prompt("What's 1 + 1?")] * 3, 3, tok.eos_id, tok.pad_id)
+    texts = [tok.decode(x.tolist()) for x in r.responses]
+    model_score = sequence_reward_fn("model", tok, model, head)(r, texts, ["a"] * 3)
+    routed = sequence_reward_fn("verifiable_or_model", tok, model, head, exact_match_weight=5.0,
+                                verifiable_tasks=("arithmetic",))
+    # rows 0, 1 verifiable: answer = the response itself (right) and "nope" (wrong); row 2 scored by the model
+    got = routed(r, [texts[0], "nope", texts[2]], ["arithmetic", "arithmetic", "explain"])
+    assert got.tolist() == pytest.approx([5.0, 0.0, float(model_score[2])])
+    with pytest.raises(ValueError, match="unknown reward"):
+        sequence_reward_fn("model+model", tok, model, head)

@@ -31,7 +31,7 @@ IDS = dict(eos_id=EOS_ID, pad_id=PAD_ID)
 PROMPTS = [[BOS_ID, USER_ID, k, k + 1, ASSISTANT_ID] for k in range(10, 26)]
 
 
-def toy_reward(r, answers) -> torch.Tensor:
+def toy_reward(r, answers, tasks) -> torch.Tensor:
     """Fraction of each response's tokens that are ``TARGET`` ``(B,)``."""
     return ((r.responses == TARGET).float() * r.mask).sum(1) / r.mask.sum(1).clamp(min=1.0)
 
@@ -62,7 +62,7 @@ def fit(module: L.LightningModule, loader: DataLoader, max_steps: int) -> L.Trai
 def mean_toy_reward(policy: GPT) -> float:
     torch.manual_seed(123)
     r = sample(policy, PROMPTS * 8, max_new_tokens=6, eos_id=EOS_ID, pad_id=PAD_ID)
-    return float(toy_reward(r, None).mean())
+    return float(toy_reward(r, None, None).mean())
 
 
 def prompt_loader(batch_size: int) -> DataLoader:

@@ -17,6 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .model import GPTConfig as ModelSchema  # the model section is the architecture itself
 
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
+#: PPO/GRPO sequence rewards (:func:`llmstages.rollout.sequence_reward_fn`).
+REWARDS = ("model", "exact_match", "model+exact_match", "verifiable_or_model")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
 CORPUS_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # data.data.corpus_format
 DIRECTIONS = ("minimize", "maximize")  # objective.direction
@@ -178,8 +180,9 @@ class RolloutSchema:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    reward: str = "model"  # model | exact_match | model+exact_match
+    reward: str = "model"  # model | exact_match | model+exact_match | verifiable_or_model
     exact_match_weight: float = 1.0
+    verifiable_tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # for verifiable_or_model
     clip_range: float = 0.2
     missing_eos_penalty: float = 1.0
 
@@ -332,8 +335,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         if cfg.algorithm not in ALGORITHMS:
             bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
         for algo in ("ppo", "grpo"):
-            if cfg[algo].reward not in ("model", "exact_match", "model+exact_match"):
-                bad(f"{algo}.reward", f"expected model, exact_match or model+exact_match, got {cfg[algo].reward!r}")
+            if cfg[algo].reward not in REWARDS:
+                bad(f"{algo}.reward", f"expected one of {', '.join(REWARDS)}, got {cfg[algo].reward!r}")
         if cfg.ppo.value_model not in ("reward_model", "policy_head"):
             bad("ppo.value_model", f"expected reward_model or policy_head, got {cfg.ppo.value_model!r}")
         if cfg.ppo.kl_estimator not in ("k1", "k2", "k3"):

@@ -15,12 +15,11 @@ from typing import Callable
 
 import torch
 
+from .config import REWARDS  # noqa: F401  (the allowed values, defined once with the schema)
 from .evaluation import full_attention, normalise, reward_scores
 from .generation import generate
 from .losses import token_logprobs
 from .model import GPT, ScalarHead
-
-REWARDS = ("model", "exact_match", "model+exact_match")
 
 
 @dataclass
@@ -85,45 +84,54 @@ def outside_inference(out: dict) -> dict:
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
-RewardFn = Callable[["Rollout", list[str]], torch.Tensor]
-"""A sequence reward: ``(rollout, reference answers) -> (B,)`` float scores, one per response."""
+RewardFn = Callable[["Rollout", list[str], list[str]], torch.Tensor]
+"""A sequence reward: ``(rollout, reference answers, tasks) -> (B,)`` float scores, one per response."""
 
 
 def sequence_reward_fn(kind: str, tok, reward_model: GPT | None = None, reward_head: ScalarHead | None = None,
-                       exact_match_weight: float = 1.0) -> RewardFn:
+                       exact_match_weight: float = 1.0, verifiable_tasks: tuple[str, ...] = ()) -> RewardFn:
     """The reward of each whole response, as a :data:`RewardFn`.
 
     ``kind="model"``: the reward model's score at the last real token (EOS or truncation point).
     ``kind="exact_match"``: ``exact_match_weight`` where the decoded response equals the row's reference answer
     after whitespace normalisation (a verifiable reward, meaningful for the arithmetic set), else 0.0.
     ``kind="model+exact_match"``: the sum of the two.
+    ``kind="verifiable_or_model"``: the exact-match reward for rows whose task is in ``verifiable_tasks``, the
+    reward model's score for the others: a checkable answer is rewarded by checking it, everything else by
+    the learned preference model (reward routing as in Tülu 3, Lambert et al. 2024, §6).
 
     Raises:
         ValueError: for an unknown ``kind``, or a reward-model kind without a reward model.
     """
-    parts = kind.split("+")
+    routed = kind == "verifiable_or_model"
+    parts = ["model", "exact_match"] if routed else kind.split("+")
     if not parts or any(p not in ("model", "exact_match") for p in parts) or len(set(parts)) < len(parts):
         raise ValueError(f"unknown reward {kind!r}; expected one of {', '.join(REWARDS)}")
     if "model" in parts and (reward_model is None or reward_head is None):
         raise ValueError(f"reward {kind!r} needs a reward model and its head")
 
-    def reward(r: Rollout, answers: list[str]) -> torch.Tensor:
-        total = torch.zeros(r.tokens.shape[0], device=r.tokens.device)
+    def reward(r: Rollout, answers: list[str], tasks: list[str]) -> torch.Tensor:
+        device = r.tokens.device
+        verifiable = torch.tensor([t in verifiable_tasks for t in tasks], device=device) if routed else None
+        total = torch.zeros(r.tokens.shape[0], device=device)
         if "model" in parts:
-            total += reward_scores(reward_model, reward_head, r.tokens, r.token_mask)
+            score = reward_scores(reward_model, reward_head, r.tokens, r.token_mask)
+            total += score.masked_fill(verifiable, 0.0) if routed else score
         if "exact_match" in parts:
             texts = [tok.decode(row.tolist()) for row in r.responses]
-            hits = [float(bool(a) and normalise(t) == normalise(a)) for t, a in zip(texts, answers)]
-            total += exact_match_weight * torch.tensor(hits, device=r.tokens.device)
+            hits = torch.tensor([float(bool(a) and normalise(t) == normalise(a)) for t, a in zip(texts, answers)],
+                                device=device)
+            total += exact_match_weight * (hits * verifiable if routed else hits)
         return total
 
     return reward
 
 
-def penalised_rewards(reward_fn: RewardFn, r: Rollout, answers: list[str], missing_eos_penalty: float) -> torch.Tensor:
-    """``reward_fn``'s scores ``(B,)`` minus ``missing_eos_penalty`` for responses that never emitted EOS
-    (Huang et al. 2024, the no-EOS penalty)."""
-    return reward_fn(r, answers) - missing_eos_penalty * (~r.finished).float()
+def penalised_rewards(reward_fn: RewardFn, r: Rollout, rows: list[dict], missing_eos_penalty: float) -> torch.Tensor:
+    """``reward_fn``'s scores ``(B,)`` of the responses to ``rows`` (``{"answer", "task"}`` each) minus
+    ``missing_eos_penalty`` for responses that never emitted EOS (Huang et al. 2024, the no-EOS penalty)."""
+    scores = reward_fn(r, [b["answer"] for b in rows], [b.get("task", "") for b in rows])
+    return scores - missing_eos_penalty * (~r.finished).float()
 
 
 def rollout_stats(r: Rollout, timer: "PhaseTimer") -> dict:

@@ -35,8 +35,8 @@ from llmstages.checkpoint import write_json
 from llmstages.data.corpus import Piece, corpus_bytes, is_val_doc, iter_corpus, token_dtype, write_token_files
 from llmstages.data.formats import load_preferences, load_sft
 from llmstages.data.jsonio import iter_jsonl, require_fields
-from llmstages.data.tasks import (EXPLAIN_SIMPLE_SFT, arith_rejects, arithmetic_documents, arithmetic_qa, docstring_qa,
-                                  explain_rows)
+from llmstages.data.tasks import (ARITHMETIC_LINES_PER_DOC, EXPLAIN_SIMPLE_SFT, SMALL_SUM_COPIES, arith_rejects, arithmetic_documents, arithmetic_qa,
+                                  docstring_qa, explain_rows, is_small_sum)
 from llmstages.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger("llmstages")
@@ -110,7 +110,8 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
     Arithmetic and docstring questions are split by question, ``explain`` prompts by topic. Docstring
     rejections are drawn from the same split's answers, so train/val stay disjoint. An ``explain`` prompt's SFT
     answer is its simple one with probability ``EXPLAIN_SIMPLE_SFT`` (seeded per prompt), else its technical
-    one; its preference pair always prefers the simple one.
+    one; its preference pair always prefers the simple one. Small training sums (:func:`is_small_sum`) appear
+    ``SMALL_SUM_COPIES`` times in ``sft_train``.
     """
     qa = [(q, a, "arithmetic") for q, a in arithmetic_qa(arithmetic_max)]
     qa += [(q, a, "docstring") for q, a in docstring_qa()]
@@ -123,8 +124,10 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
         out[f"prompts_{split}"] = rows + [{"prompt": r["prompt"], "answer": r["answer"], "task": "explain"} for r in ex]
         sft_answer = {r["prompt"]: r["answer" if random.Random(f"{seed}:{r['prompt']}").random() < EXPLAIN_SIMPLE_SFT
                                      else "rejected"] for r in ex}
+        copies = {r["prompt"]: SMALL_SUM_COPIES if split == "train" and is_small_sum(r["prompt"]) else 1
+                  for r in out[f"prompts_{split}"]}
         out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], sft_answer.get(r["prompt"], r["answer"])),
-                                "task": r["task"]} for r in out[f"prompts_{split}"]]
+                                "task": r["task"]} for r in out[f"prompts_{split}"] for _ in range(copies[r["prompt"]])]
         doc_answers = [r["answer"] for r in rows if r["task"] == "docstring"]
         pref = []
         for r in rows:
@@ -208,9 +211,10 @@ def build_data(
         seed: seeds every random choice (document split, question split, rejected answers).
         arithmetic_max: operands of the arithmetic task range over 0..arithmetic_max.
         heldout_fraction: fraction of prompts (per task) held out for the ``*_val`` task files.
-        arithmetic_corpus_passes: times each training arithmetic question is added, solved, to the corpus as
-            plain text (:func:`llmstages.data.tasks.arithmetic_documents`, after the corpus' own documents and
-            beyond ``max_corpus_mb``); held-out questions never are. 0: none.
+        arithmetic_corpus_passes: times each training arithmetic question is added, solved, to the default
+            (stdlib) corpus as plain text (:func:`llmstages.data.tasks.arithmetic_documents`, after its own
+            documents and beyond ``max_corpus_mb``); held-out questions never are. 0: none. A corpus of your
+            own is left as it is.
         sft / preference: ``{"path", "format", "columns", "system_prompt"}`` of a user file replacing the
             built-in set (see :mod:`llmstages.data.formats`); None or no path -> the built-in set.
         progress: show rich progress bars while reading and tokenizing.
@@ -292,7 +296,8 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
     max_bytes = None if max_corpus_mb is None else int(max_corpus_mb * MB)
     dropped: Counter = Counter()
 
-    arith_train = [r for r in tasks["prompts_train"] if r["task"] == "arithmetic"]
+    arith_train = [r for r in tasks["prompts_train"] if r["task"] == "arithmetic"] if not corpus else []
+    n_arith_docs = arithmetic_corpus_passes * -(-len(arith_train) // ARITHMETIC_LINES_PER_DOC)
 
     def pieces() -> Iterator[Piece]:  # a fresh pass over the corpus, then the solved arithmetic questions
         if not corpus:
@@ -304,7 +309,8 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
         for p in docs:
             n = p.doc
             yield p
-        for i, text in enumerate(arithmetic_documents(arith_train, arithmetic_corpus_passes, seed)):
+        for i, text in enumerate(arithmetic_documents(arith_train, arithmetic_corpus_passes, seed,
+                                                      ARITHMETIC_LINES_PER_DOC)):
             yield Piece(n + 1 + i, f"arithmetic[{i}]", text, True)
 
     if tokenizer.get("path"):
@@ -334,14 +340,14 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
 
     for name, rows in tasks.items():
         _write_jsonl(tmp / f"{name}.jsonl", rows)
-    n_docs = st.train.docs + st.val.docs
-    log.info("corpus: %d documents kept%s, %d + %d tokens (train + val), %.1f MB in %.1f s",
-             n_docs, "".join(f", {n} dropped ({k})" for k, n in sorted(dropped.items())), st.train.tokens,
-             st.val.tokens, (st.train.bytes + st.val.bytes) / MB, st.seconds)
+    n_docs = st.train.docs + st.val.docs - n_arith_docs
+    log.info("corpus: %d documents kept%s, %d documents of solved sums, %d + %d tokens (train + val), %.1f MB in "
+             "%.1f s", n_docs, "".join(f", {n} dropped ({k})" for k, n in sorted(dropped.items())), st.train.tokens,
+             n_arith_docs, st.train.tokens, st.val.tokens, (st.train.bytes + st.val.bytes) / MB, st.seconds)
     metrics = {
         "train_tokens": st.train.tokens, "val_tokens": st.val.tokens, "vocab_size": tok.vocab_size,
         "unigram_entropy_nats": entropy, "corpus_mb": (st.train.bytes + st.val.bytes) / MB,
-        "corpus_docs": n_docs, **{f"corpus_docs_dropped_{k}": n for k, n in sorted(dropped.items())},
+        "corpus_docs": n_docs, "arithmetic_docs": n_arith_docs, **{f"corpus_docs_dropped_{k}": n for k, n in sorted(dropped.items())},
         **{f"n_{name}": len(tasks[name]) for name in sorted(tasks)}, **user_counts,
     }
     meta = {

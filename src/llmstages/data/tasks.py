@@ -4,7 +4,8 @@ Three tasks, each row tagged with its ``task``:
 
 ``arithmetic``
     "What's a + b?" / "What's a - b?" (``a >= b``) for operands ``0..arithmetic_max``, answer the decimal
-    result. Preference pairs reject plausible slips (:func:`arith_slips`). Its training questions are also
+    result. Preference pairs reject plausible slips (:func:`arith_slips`). Small training sums are repeated in
+    the SFT set (:data:`SMALL_SUM_COPIES`). Its training questions are also
     written as plain text into the default pretraining corpus (:func:`arithmetic_documents`), so that the
     pretrained model has seen sums before it is taught to answer in the chat format.
 ``docstring``
@@ -33,6 +34,10 @@ DOC_MODULES = (
     "struct", "textwrap", "urllib.parse", "uuid", "zlib",
 )
 ARITH_PROMPT = re.compile(r"What's (\d+) ([+-]) (\d+)\?")
+#: Training sums whose operands are both at most ``SMALL_OPERAND`` appear ``SMALL_SUM_COPIES`` times in the SFT set:
+#: they are 4% of the questions but most of what a person asks ("What's 2 + 2?"), and with one copy the model
+#: answered them less reliably than two-digit sums.
+SMALL_OPERAND, SMALL_SUM_COPIES = 20, 4
 TASKS = ("arithmetic", "docstring", "explain")
 
 
@@ -46,6 +51,12 @@ def arithmetic_qa(max_n: int) -> list[tuple[str, str]]:
             if a >= b:
                 qa.append((f"What's {a} - {b}?", str(a - b)))
     return qa
+
+
+def is_small_sum(prompt: str) -> bool:
+    """Whether both operands of an arithmetic question are at most :data:`SMALL_OPERAND`."""
+    m = ARITH_PROMPT.fullmatch(prompt)
+    return bool(m) and max(int(m.group(1)), int(m.group(3))) <= SMALL_OPERAND
 
 
 def arith_slips(prompt: str, answer: str) -> dict[str, list[int]]:
@@ -80,7 +91,11 @@ def arith_rejects(prompt: str, answer: str, seed: int, k: int = 2) -> list[str]:
     return [str(v) for v in out]
 
 
-def arithmetic_documents(rows: list[dict], passes: int, seed: int, lines_per_doc: int = 256) -> Iterator[str]:
+ARITHMETIC_LINES_PER_DOC = 256
+
+
+def arithmetic_documents(rows: list[dict], passes: int, seed: int,
+                         lines_per_doc: int = ARITHMETIC_LINES_PER_DOC) -> Iterator[str]:
     """Plain-text documents of solved arithmetic questions for the pretraining corpus.
 
     Each line is ``"What's 23 + 45? 68"``; every question of ``rows`` (``{"prompt", "answer"}``) appears once per

@@ -38,14 +38,14 @@ class GRPOModule(L.LightningModule):
         """``group_size`` samples per prompt (groups consecutive), their rewards ``(B*G,)`` and advantages."""
         c, G = self.c, self.c["group_size"]
         prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
-        answers = [b["answer"] for b in batch for _ in range(G)]
+        rows = [b for b in batch for _ in range(G)]
         with self.timer("generation"):
             r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"],
                        c["top_k"], c["top_p"])
         with self.timer("scoring"), torch.inference_mode():
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)
-            score = penalised_rewards(self.reward_fn, r, answers, c["missing_eos_penalty"])
+            score = penalised_rewards(self.reward_fn, r, rows, c["missing_eos_penalty"])
             adv = group_advantages(score, G)
             entropy = masked_mean(token_entropy(logits), r.mask)
         scored = dict(logp=logp, ref_logp=ref_logp, score=score, adv=adv, entropy=entropy)

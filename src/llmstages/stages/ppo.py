@@ -61,7 +61,7 @@ class PPOModule(L.LightningModule):
         with self.timer("scoring"), torch.inference_mode():
             logp, logits, values = self.logprobs_and_values(r)
             ref_logp, _ = response_logprobs(self.reference, r)
-            score = penalised_rewards(self.reward_fn, r, [b["answer"] for b in batch], c["missing_eos_penalty"])
+            score = penalised_rewards(self.reward_fn, r, batch, c["missing_eos_penalty"])
             shaped = normalise_scores(score) if c["reward_norm"] else score
             if c["reward_clip"]:
                 shaped = shaped.clamp(-c["reward_clip"], c["reward_clip"])

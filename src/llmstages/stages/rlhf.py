@@ -81,7 +81,8 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
         raise ValueError(f"rlhf.{algo}.max_new_tokens={c['max_new_tokens']} leaves no room for a prompt in the "
                          f"policy's context of {policy.cfg.max_seq_len} tokens")
     prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
-    reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"])
+    reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"],
+                                   tuple(c["verifiable_tasks"]))
     module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
     order = (dict(sampler=task_balanced_sampler([p["task"] for p in prompts.items], cfg.trainer.seed))
              if cfg.balance_tasks else dict(shuffle=True))
