@@ -91,6 +91,14 @@ def proportion(name: str, hits: list[bool]) -> dict[str, float]:
     return {name: sum(hits) / len(hits), f"{name}_ci95_low": low, f"{name}_ci95_high": high}
 
 
+def per_task(name: str, hits: list[bool], tasks: list[str]) -> dict[str, float]:
+    """:func:`proportion` of ``hits`` for each task, keyed ``name_<task>``."""
+    out: dict[str, float] = {}
+    for task in sorted(set(tasks)):
+        out |= proportion(f"{name}_{task}", [h for h, t in zip(hits, tasks) if t == task])
+    return out
+
+
 def answer_metrics(rows: list[dict], responses: list[str], gens: list[Generation]) -> dict[str, float]:
     """Exact match overall and per ``task`` (``exact_match_<task>``), each with its Wilson 95% interval
     (:func:`proportion`), the number of questions per task (``questions_<task>``), mean response length (tokens)
@@ -154,14 +162,7 @@ def preference_accuracy(model: GPT, batches, tasks: list[str] | None = None) -> 
         chosen, rejected = pair_logprobs(model, {k: v.to(device) for k, v in batch.items()})
         hits += (chosen > rejected).tolist()
     model.train(was_training)
-    out = proportion("preference_accuracy", hits)
-    if tasks:
-        by_task = defaultdict(list)
-        for h, t in zip(hits, tasks):
-            by_task[t].append(h)
-        for task in sorted(by_task):
-            out |= proportion(f"preference_accuracy_{task}", by_task[task])
-    return out
+    return {**proportion("preference_accuracy", hits), **(per_task("preference_accuracy", hits, tasks) if tasks else {})}
 
 
 

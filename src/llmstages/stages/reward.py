@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ..checkpoint import load_output, save_output
 from ..data.datasets import PreferenceDataset, collate_pairs
 from ..data.formats import read_canonical
-from ..evaluation import probe_answers, probe_rewards, proportion
+from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
@@ -71,10 +71,7 @@ def accuracy_by_task(module: RewardModule, pairs: DataLoader, tasks: list[str]) 
     for batch in pairs:
         chosen, rejected = module.scores(batch["tokens"], batch["mask"]).chunk(2)
         hits += (chosen > rejected).tolist()
-    out: dict[str, float] = {}
-    for task in sorted(set(tasks)):
-        out |= proportion(f"val_accuracy_{task}", [h for h, t in zip(hits, tasks) if t == task])
-    return out
+    return per_task("val_accuracy", hits, tasks)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

@@ -63,6 +63,9 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
           data_dir: Path):
     """The LightningModule of ``cfg.algorithm`` with its training (and, for DPO, validation) data loader."""
     algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
+
+    def order(tasks: list[str]) -> dict:  # DataLoader arguments: task-balanced draws, or a plain shuffle
+        return dict(sampler=task_balanced_sampler(tasks, cfg.trainer.seed)) if cfg.balance_tasks else dict(shuffle=True)
     if algo == "dpo":
         c = dict(cfg.dpo)
         paths = (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl")
@@ -71,9 +74,7 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
         log_encoding("dpo", train=train.stats, val=val.stats)
         kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
                   num_workers=cfg.num_workers)
-        order = (dict(sampler=task_balanced_sampler(train.tasks, cfg.trainer.seed)) if cfg.balance_tasks
-                 else dict(shuffle=True))
-        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, drop_last=True, **order, **kw),
+        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, drop_last=True, **order(train.tasks), **kw),
                 DataLoader(val, **kw))
     c = dict(cfg[algo])
     max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
@@ -84,9 +85,8 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"],
                                    tuple(c["verifiable_tasks"]))
     module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
-    order = (dict(sampler=task_balanced_sampler([p["task"] for p in prompts.items], cfg.trainer.seed))
-             if cfg.balance_tasks else dict(shuffle=True))
-    loader = DataLoader(prompts, batch_size=n, drop_last=True, collate_fn=collate_prompts, **order)
+    loader = DataLoader(prompts, batch_size=n, drop_last=True, collate_fn=collate_prompts,
+                        **order([p["task"] for p in prompts.items]))
     frozen = (reward_model, reward_head) if "model" in c["reward"] else ()
     critic = {}
     if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
