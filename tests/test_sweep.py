@@ -28,8 +28,9 @@ def llmstages(args: list[str], cwd: Path, popen: bool = False):
 
 
 def pretrain_args(work: Path) -> list[str]:
-    """A pretrain of a few steps on the tiny pipeline's data, no tracker."""
-    return [f"data_dir={work}/outputs/data", "logger=none", *TINY["pretrain"], "trainer.max_steps=3",
+    """A pretrain of a few steps on the tiny pipeline's data, no tracker; the learning rate is left to the sweeps."""
+    tiny = [a for a in TINY["pretrain"] if not a.startswith("optim.lr=")]
+    return [f"data_dir={work}/outputs/data", "logger=none", *tiny, "trainer.max_steps=3",
             "trainer.val_check_interval=3", "optim.warmup_steps=1"]
 
 
