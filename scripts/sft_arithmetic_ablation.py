@@ -3,7 +3,7 @@ output on the ``sft_train.jsonl`` rows of a data folder and prints held-out exac
 
 It measures how fast a starting model learns the sums under a given learning rate and batch size; the README's
 ablation table (What the default run produces) was made with it. Same model, loss and schedule as the sft stage
-(AdamW, linear warmup, cosine decay to 0.1 x lr, gradient clipping 1.0, bf16 autocast); random batches.
+(AdamW, linear warmup, cosine decay to 0.1 x lr, gradient clipping 1.0, bf16 autocast or ``--fp32``); random batches.
 
     python scripts/sft_arithmetic_ablation.py --init outputs/pretrain --data outputs/data --lr 5e-4 --steps 1000
     python scripts/sft_arithmetic_ablation.py --fresh 256,4,4 --lr 1e-3 --steps 1500   # no pretraining
@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--all-tasks", action="store_true", help="train on every SFT row, not only the arithmetic ones")
     p.add_argument("--heldout", type=int, default=500, help="held-out arithmetic questions scored")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true", help="train and evaluate in float32 (default: bf16 autocast)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.data)
@@ -58,7 +59,7 @@ def main() -> None:
 
     def exact_match() -> float:
         model.eval()
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=not a.fp32):
             texts, _ = generate_answers(model, tok, [r["prompt"] for r in val], 6)
         model.train()
         return sum(normalise(t) == r["answer"] for t, r in zip(texts, val)) / len(val)
@@ -71,7 +72,7 @@ def main() -> None:
         T = max(len(enc[i][0]) for i in idx)
         ids = torch.tensor([enc[i][0] + [tok.pad_id] * (T - len(enc[i][0])) for i in idx])
         mask = torch.tensor([enc[i][1] + [0] * (T - len(enc[i][1])) for i in idx])
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=not a.fp32):
             loss = next_token_loss(model(ids[:, :-1]), ids[:, 1:], mask[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -332,3 +332,24 @@ def test_training_sums_are_in_the_default_corpus_and_held_out_ones_never(tmp_pat
 def test_a_corpus_of_your_own_gets_no_sums(built):
     _, metrics = built
     assert metrics["arithmetic_docs"] == 0
+
+
+def test_default_probe_sums_are_held_out():
+    """The probe sums other than 2 + 2 (conf/probes/default.yaml) are held-out questions of the default data:
+    in prompts_val, never in any training split, so the README's probe answers show generalisation."""
+    from pathlib import Path
+
+    import yaml
+
+    from llmstages.data.build import _default_tasks
+    from llmstages.data.tasks import ARITH_PROMPT
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    data = yaml.safe_load((conf / "stage/data.yaml").read_text())
+    probes = yaml.safe_load((conf / "probes/default.yaml").read_text())["prompts"]
+    sums = [p for p in probes if ARITH_PROMPT.fullmatch(p) and p != "What's 2 + 2?"]
+    assert len(sums) == 2
+    tasks = _default_tasks(data["arithmetic_max"], data["seed"], data["heldout_fraction"])
+    val = {r["prompt"] for r in tasks["prompts_val"]}
+    train = {r["prompt"] for r in tasks["prompts_train"]} | {r["messages"][0]["content"] for r in tasks["sft_train"]}
+    assert all(s in val and s not in train for s in sums)
