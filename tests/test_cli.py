@@ -233,8 +233,9 @@ def test_kill_and_resume(tiny_run, tmp_path):
     # Probe prompts: a table artifact in MLflow, with the pretrained model's continuation of each prompt.
     probes = json.loads(open(client.download_artifacts(runs[0].info.run_id, "probes.json")).read())
     assert probes["columns"] == ["prompt", "response"]
-    assert [row[0] for row in probes["data"]] == ["The capital of France is", "What's 2 + 2?",
-                                                   "Explain gravity to a 5-year-old."]
+    prompts = yaml.safe_load((ROOT / "conf/probes/default.yaml").read_text())["prompts"]
+    assert [row[0] for row in probes["data"]] == prompts and prompts[:3] == [
+        "The capital of France is", "What's 2 + 2?", "Explain gravity to a 5-year-old."]
 
 
 def test_wandb_offline_run(tiny_run, tmp_path):

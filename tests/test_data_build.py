@@ -145,11 +145,15 @@ def test_task_sets(built):
     assert max(pairs.values()) == 1  # the two arithmetic rejections differ
 
 
-def test_byte_identical_rerun(built, corpus, tmp_path):
+def test_byte_identical_rerun(built, corpus, tmp_path, caplog):
     out, metrics = built
-    again = build_data(tmp_path / "again", corpus=[str(corpus / "*.txt"), str(corpus / "sub" / "**" / "*.txt")],
-                       **{**KW, "progress": True})  # the progress bar does not change any output
+    with caplog.at_level("INFO", logger="llmstages"):
+        again = build_data(tmp_path / "again", corpus=[str(corpus / "*.txt"), str(corpus / "sub" / "**" / "*.txt")],
+                           **{**KW, "progress": True})  # the progress bar does not change any output
     assert again == metrics
+    lines = [r.getMessage() for r in caplog.records]  # each log call's arguments fit its format
+    [corpus_line] = [ln for ln in lines if ln.startswith("corpus: ")]
+    assert f"{metrics['train_tokens']} + {metrics['val_tokens']} tokens" in corpus_line
     assert hashes(tmp_path / "again") == hashes(out)
 
 

@@ -342,8 +342,7 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
         _write_jsonl(tmp / f"{name}.jsonl", rows)
     n_docs = st.train.docs + st.val.docs - n_arith_docs
     log.info("corpus: %d documents kept%s, %d documents of solved sums, %d + %d tokens (train + val), %.1f MB in "
-             "%.1f s", n_docs, "".join(f", {n} dropped ({k})" for k, n in sorted(dropped.items())), st.train.tokens,
-             n_arith_docs, st.train.tokens, st.val.tokens, (st.train.bytes + st.val.bytes) / MB, st.seconds)
+             "%.1f s", n_docs, "".join(f", {n} dropped ({k})" for k, n in sorted(dropped.items())), n_arith_docs, st.train.tokens, st.val.tokens, (st.train.bytes + st.val.bytes) / MB, st.seconds)
     metrics = {
         "train_tokens": st.train.tokens, "val_tokens": st.val.tokens, "vocab_size": tok.vocab_size,
         "unigram_entropy_nats": entropy, "corpus_mb": (st.train.bytes + st.val.bytes) / MB,
