@@ -23,7 +23,8 @@ TINY = {
                "optim.warmup_steps=2", *FAST],
     "rlhf": ["eval_limit=16", "eval_max_new_tokens=8", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4",
              "ppo.max_new_tokens=8", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.minibatch_size=4",
-             "grpo.max_new_tokens=8", "dpo.batch_size=8", "dpo.max_len=64", "trainer.max_steps=8",
+             "grpo.max_new_tokens=8", "dpo.batch_size=8", "dpo.max_len=64", "dpo.prompts_per_step=4", "dpo.minibatch_size=2",
+             "dpo.max_new_tokens=8", "trainer.max_steps=8",
              "optim.warmup_steps=1", *FAST],
 }
 

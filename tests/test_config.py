@@ -92,6 +92,11 @@ def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(over
         validate("pretrain", compose("pretrain", [override]))
 
 
+def test_packing_and_padding_free_together_are_refused():
+    with pytest.raises(ConfigError, match=r"padding_free.*packing=true"):
+        validate("sft", compose("sft", ["packing=true", "padding_free=true"]))
+
+
 @pytest.mark.parametrize("field,value,message", [("dropout", 2.0, "model.dropout must be in [0, 1), got 2.0"),
                                                  ("d_model", 0, "model.d_model must be >= 1, got 0"),
                                                  ("n_layers", 0, "model.n_layers must be >= 1, got 0")])
@@ -111,6 +116,9 @@ def test_bad_model_shape_is_a_one_line_value_error(field, value, message):
                                           ("grpo.epochs=0", "grpo.epochs"), ("dpo.batch_size=0", "dpo.batch_size"),
                                           ("ppo.kl_coef=-1", "ppo.kl_coef"), ("eval_limit=-1", "eval_limit"),
                                           ("dpo.label_smoothing=1.5", "dpo.label_smoothing"),
+                                          ("dpo.pairs=mined", "dpo.pairs"), ("dpo.samples_per_prompt=1", "dpo.samples_per_prompt"),
+                                          ("dpo.minibatch_size=5", "dpo.minibatch_size"), ("dpo.reward=length", "dpo.reward"),
+                                          ("dpo.epochs=0", "dpo.epochs"),
                                           ("eval_max_new_tokens=0", "eval_max_new_tokens"),
                                           ("trainer.max_steps=10", "trainer.max_steps"),
                                           ("trainer.precision=fp8", "trainer.precision"),
@@ -123,14 +131,17 @@ def test_bad_rlhf_settings_name_the_key(override, key):
 
 def test_each_algorithm_has_its_own_group_with_paper_defaults():
     group = {a: OmegaConf.load(CONF / "rlhf_algorithm" / f"{a}.yaml") for a in ("ppo", "dpo", "grpo")}
-    assert group["dpo"].beta == 0.1 and group["dpo"].sft_coef == 0.0  # Rafailov et al. 2023
+    assert group["dpo"].beta == 0.1 and group["dpo"].sft_coef == 0.0 and group["dpo"].pairs == "offline"  # Rafailov et al.
     g = group["grpo"]
     assert g.kl_coef == 0.04 and g.clip_range == 0.2 and g.epochs == 1 and g.reward == "model"  # Shao et al. 2024
     p = group["ppo"]
     assert p.clip_range == 0.2 and p.lam == 0.95 and p.gamma == 1.0 and p.reward == "model"  # Huang et al. 2024
     cfg = validate("rlhf", compose("rlhf"))  # the pipeline's own choices for this task sit on top
     assert cfg.algorithm == "ppo" and cfg.ppo.reward == "verifiable_or_model" == cfg.grpo.reward
-    assert cfg.grpo.kl_coef == 0.04 and cfg.dpo.sft_coef == 2.0 and cfg.ppo.kl_coef == 0.3
+    assert cfg.grpo.kl_coef == 0.04 and cfg.ppo.kl_coef == 0.3
+    assert cfg.dpo.pairs == "online" and cfg.dpo.reward == "verifiable_or_model" and cfg.dpo.beta == 0.1
+    with pytest.raises(ConfigError, match="4 per dpo iteration"):  # online DPO counts optimizer steps too
+        validate("rlhf", compose("rlhf", ["algorithm=dpo", "trainer.max_steps=10"]))
     assert validate("rlhf", compose("rlhf", ["algorithm=grpo"])).algorithm == "grpo"
 
 

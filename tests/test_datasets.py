@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmstages.data.datasets import (PreferenceDataset, SFTDataset, TokenWindows, collate_pairs, collate_sft,
-                                     fit_length, pack, packed_attention)
+from llmstages.data.datasets import (PreferenceDataset, SFTDataset, TokenWindows, collate_padding_free, collate_pairs,
+                                     collate_pairs_padding_free, collate_sft, first_fit_decreasing, fit_length, pack,
+                                     packed_attention)
 from llmstages.losses import next_token_loss
 from llmstages.model import GPT, GPTConfig
 from llmstages.tokenizer import ChatTokenizer, train_tokenizer
@@ -144,6 +145,53 @@ def test_packing_keeps_examples_apart(tok):
                     for s in single)
     assert packed_sum.item() == pytest.approx(plain_sum.item(), rel=1e-5)
     assert b["loss_mask"].sum() == sum(s["loss_mask"].sum() for s in single)
+
+
+def test_padding_free_batch_gives_the_padded_batch_loss(tok):
+    """A padding-free batch holds the same examples as the padded one (first-fit decreasing: 13 + 9 + ... into
+    rows of 24) and gives the same loss and gradient."""
+    rows = [chat("What's 2 + 2?", "4"), chat("Hello", "world 12"), chat("Hi", "a tiny corpus"), chat("2", "2 + 2")]
+    items = SFTDataset(rows, tok, max_len=24).items  # lengths 13, 11, 9, 9
+    free = collate_padding_free(items, pad_id=PAD, max_len=24)
+    padded = collate_sft(items, pad_id=PAD)
+    # decreasing: 13 -> row 1; 11 -> row 1 (24); 9 -> row 2; 9 -> row 2 (18): 2 rows of 23, not 4 of 12
+    assert free["inputs"].shape == (2, 23) and padded["inputs"].shape == (4, 12)
+    assert free["loss_mask"].sum() == padded["loss_mask"].sum()
+    assert free["positions"][0].tolist() == list(range(13)) + list(range(10))  # inputs drop the last token
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    grads = []
+    for b in (padded, free):
+        model.zero_grad()
+        logits = model(b["inputs"], positions=b.get("positions"), attn_mask=b.get("attn_mask"))
+        loss = next_token_loss(logits, b["targets"], b["loss_mask"])
+        loss.backward()
+        grads.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
+    assert torch.allclose(grads[1][1], grads[0][1], atol=1e-6)
+
+
+def test_first_fit_decreasing_hand_checked():
+    # capacity 8, longest first: 7 -> row 0 (1 left); 5 -> row 1 (3 left); 4 -> row 2 (4 left); 3 -> row 1; 2 -> row 2
+    assert first_fit_decreasing([5, 3, 7, 2, 4], 8) == [[2], [0, 1], [4, 3]]
+
+
+def test_padding_free_pairs_give_the_padded_rewards(tok):
+    """Reward-model scores of packed pairs equal those of the padded batch, pair by pair, chosen then rejected."""
+    from llmstages.stages.reward import RewardModule
+
+    rows = [{"prompt": [{"role": "user", "content": q}], "chosen": c, "rejected": r}
+            for q, c, r in [("What's 2 + 2?", "4", "5 5 5"), ("Hello", "world", "a tiny corpus, hello world"),
+                            ("Hi", "Hello world.", "12")]]
+    items = PreferenceDataset(rows, tok, max_len=64).items
+    free, padded = collate_pairs_padding_free(items, pad_id=PAD, max_len=40), collate_pairs(items, pad_id=PAD)
+    assert free["tokens"].shape[0] < padded["tokens"].shape[0] == 6 and free["last"].shape == (6, 2)
+    lengths = padded["mask"].sum(1).tolist()
+    assert [int(free["positions"][r, c]) for r, c in free["last"].tolist()] == [n - 1 for n in lengths]
+    torch.manual_seed(0)
+    module = RewardModule(GPT(GPTConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=64)), {})
+    torch.nn.init.normal_(module.head.linear.weight)
+    assert torch.allclose(module.scores(free), module.scores(padded), atol=1e-5)
 
 
 def test_packed_attention_hand_checked():

@@ -1,5 +1,5 @@
-"""Tests for the preference/RL losses in llmstages.losses (sequence_logprobs, dpo_loss, group_advantages,
-grpo_loss, adaptive_kl_coef, normalise_scores) and for generate() dropping finished rows mid-generation.
+"""Tests for the preference/RL losses in llmstages.losses (sequence_logprobs, dpo_loss, best_worst_pairs,
+group_advantages, grpo_loss, adaptive_kl_coef, normalise_scores) and for generate() dropping finished rows mid-generation.
 
 Every expected value is computed by hand (arithmetic in the comments, math.* in the code), never by the
 function under test.
@@ -12,7 +12,7 @@ import torch
 
 from llmstages.generation import generate
 from llmstages.losses import (
-    adaptive_kl_coef, dpo_loss, group_advantages, grpo_loss, normalise_scores, sequence_logprobs,
+    adaptive_kl_coef, best_worst_pairs, dpo_loss, group_advantages, grpo_loss, normalise_scores, sequence_logprobs,
 )
 from llmstages.model import GPT, GPTConfig
 
@@ -176,6 +176,34 @@ def test_dpo_loss_float32_for_bf16_inputs():
 # ---------------------------------------------------------------- group_advantages
 
 SQRT3_2 = math.sqrt(3.0) / 2.0  # 0.5 / sqrt(1/3) = 0.8660254
+
+
+def test_dpo_loss_weights_leave_pairs_out():
+    # pair 1 is the single pair above (loss log(1 + e^-0.2)); pair 2 (h = 0.1 * (-4 - 2) = -0.6) has weight 0:
+    # the loss is pair 1's alone, sum(w * loss) / sum(w) = DPO_LOSS / 1
+    pc, pr = t([-1.0, -5.0]).requires_grad_(), t([-3.0, -1.0])
+    loss, _, _ = dpo_loss(pc, pr, t([-2.0, -2.0]), t([-2.0, -2.0]), beta=0.1, weights=t([1.0, 0.0]))
+    assert loss.item() == pytest.approx(DPO_LOSS, abs=1e-6)
+    loss.backward()
+    assert pc.grad[1].item() == 0.0 and pc.grad[0].item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(-0.2))))
+    # no pair with a preference: loss 0 (divided by max(sum w, 1)), no gradient
+    none, _, _ = dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.1, weights=t([0.0]))
+    assert none.item() == 0.0
+
+
+# ---------------------------------------------------------------- best_worst_pairs
+
+def test_best_worst_pairs_hand_values():
+    # groups of 4: [1, 3, 2, 0] -> best index 1, worst 3; [5, 5, 5, 5] -> all equal: no preference (first, first);
+    # [-1, 2, 2, -1] -> ties broken by the first: best 8 + 1 = 9, worst 8 + 0 = 8
+    chosen, rejected, valid = best_worst_pairs(t([1, 3, 2, 0, 5, 5, 5, 5, -1, 2, 2, -1]), 4)
+    assert chosen.tolist() == [1, 4, 9] and rejected.tolist() == [3, 4, 8] and valid.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("n,group", [(6, 4), (4, 1)])
+def test_best_worst_pairs_bad_groups_raise(n, group):
+    with pytest.raises(ValueError, match=f"groups of {group}"):
+        best_worst_pairs(torch.zeros(n), group)
 
 
 def test_group_advantages_one_group_hand_values():

@@ -2,7 +2,8 @@
 
 The toy reward is a simple function of the output: the fraction of response tokens equal to ``TARGET``. From a
 random tiny model (``TARGET`` has probability ~1/V), PPO and GRPO must raise it by sampling and optimising,
-and DPO by learning from pairs whose chosen response is made of ``TARGET`` tokens.
+and DPO by learning from pairs whose chosen response is made of ``TARGET`` tokens (offline) or from the
+best and worst of its own samples (online).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llmstages.config import DPOSchema, GRPOSchema, PPOSchema
 from llmstages.data.datasets import collate_pairs, collate_prompts
 from llmstages.model import GPT, GPTConfig, ScalarHead
 from llmstages.rollout import PhaseTimer, sample
-from llmstages.stages.dpo import DPOModule
+from llmstages.stages.dpo import DPOModule, OnlineDPOModule
 from llmstages.stages.grpo import GRPOModule
 from llmstages.stages.ppo import PPOModule
 
@@ -96,12 +97,16 @@ def make(algorithm: str, lr: float, steps: int):
         c = section(GRPOSchema, prompts_per_step=4, group_size=4, minibatch_size=8, max_new_tokens=6,
                     missing_eos_penalty=0.0, kl_coef=0.01)
         return GRPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **IDS), prompt_loader(4)
+    if algorithm == "dpo-online":  # pairs sampled from the policy, ranked by the toy reward
+        c = section(DPOSchema, pairs="online", prompts_per_step=4, samples_per_prompt=4, minibatch_size=2,
+                    max_new_tokens=6, missing_eos_penalty=0.0, beta=0.1)
+        return OnlineDPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **IDS), prompt_loader(4)
     c = section(DPOSchema, batch_size=8, beta=0.1)
     return DPOModule(policy, reference, optim(lr, steps), c, 1.0), pair_loader(8)
 
 
 @pytest.mark.parametrize("algorithm,lr,steps", [("ppo", 1e-2, 40), ("ppo-critic", 1e-2, 40), ("grpo", 1e-2, 24),
-                                                ("dpo", 3e-3, 60)])
+                                                ("dpo", 3e-3, 60), ("dpo-online", 1e-2, 40)])
 def test_each_algorithm_raises_a_toy_reward(algorithm, lr, steps):
     module, loader = make(algorithm, lr, steps)
     before = mean_toy_reward(module.policy)
@@ -113,7 +118,7 @@ def test_each_algorithm_raises_a_toy_reward(algorithm, lr, steps):
     assert set(module.timer.seconds) >= {"scoring", "optimisation"}
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "ppo-critic", "grpo", "dpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "ppo-critic", "grpo", "dpo", "dpo-online"])
 def test_every_trainable_parameter_changes_and_reference_does_not(algorithm):
     module, loader = make(algorithm, 1e-3, 4)
     before = {k: v.detach().clone() for k, v in module.named_parameters()}

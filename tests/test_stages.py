@@ -66,21 +66,24 @@ def test_reward_and_rlhf_metrics(tiny_run):
     assert (tiny_run[0] / "outputs/rlhf/samples.md").read_text().startswith("| prompt |")
 
 
-@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
-def test_rlhf_dpo_and_grpo_on_the_tiny_pipeline(tiny_run, algorithm, monkeypatch):
+@pytest.mark.parametrize("algorithm,extra", [("dpo", ["dpo.pairs=offline"]), ("grpo", []),
+                                             ("dpo", ["dpo.pairs=online"])])
+def test_rlhf_dpo_and_grpo_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkeypatch):
     from conftest import TINY, compose
     from llmstages.cli import run_stage
 
     work, _ = tiny_run
     monkeypatch.chdir(work)
-    out = f"outputs/rlhf-{algorithm}"
-    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}"]), out, source="test")
+    out = f"outputs/rlhf-{algorithm}-{'-'.join(extra)}"
+    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}", *extra]), out, source="test")
     assert m["algorithm"] == algorithm and m["steps"] == 8
     for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic",
                 "rlhf_mean_response_tokens", "rlhf_eos_fraction", "time_scoring_s", "time_optimisation_s"):
         assert np.isfinite(m[key]), key
     if algorithm == "dpo":
-        assert 0.0 <= m["dpo_val_accuracy"] <= 1.0 and "time_generation_s" not in m
+        assert 0.0 <= m["dpo_val_accuracy"] <= 1.0
+    if extra == ["dpo.pairs=offline"]:
+        assert "time_generation_s" not in m
     else:
         assert m["time_generation_s"] >= 0.0  # seconds, rounded to 0.1: the tiny model may take less
     model, _, _ = load_output(work / out)

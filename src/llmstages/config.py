@@ -158,6 +158,7 @@ class SFTSchema(TrainStageSchema):
     max_len: int = 128
     long_prompt: str = "truncate_left"  # truncate_left | drop
     packing: bool = False
+    padding_free: bool = False
     eval_max_new_tokens: int = 24
     eval_limit: int = 600
     objective: ObjectiveSchema = _objective("exact_match", "maximize")
@@ -168,12 +169,13 @@ class RewardSchema(TrainStageSchema):
     init_from: str = "outputs/sft"
     max_len: int = 128
     long_prompt: str = "truncate_left"
+    padding_free: bool = False
     objective: ObjectiveSchema = _objective("val_accuracy", "maximize")
 
 
 @dataclass
 class RolloutSchema:
-    """What PPO and GRPO share: how responses are sampled and rewarded."""
+    """What PPO, GRPO and online DPO share: how responses are sampled and rewarded."""
 
     minibatch_size: int = 16
     max_new_tokens: int = 24
@@ -183,13 +185,13 @@ class RolloutSchema:
     reward: str = "model"  # model | exact_match | model+exact_match | verifiable_or_model
     exact_match_weight: float = 1.0
     verifiable_tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # for verifiable_or_model
-    clip_range: float = 0.2
     missing_eos_penalty: float = 1.0
 
 
 @dataclass
 class PPOSchema(RolloutSchema):
     rollout_batch_size: int = 32
+    clip_range: float = 0.2
     ppo_epochs: int = 2
     kl_coef: float = 0.05
     kl_estimator: str = "k1"
@@ -206,18 +208,24 @@ class PPOSchema(RolloutSchema):
 
 
 @dataclass
-class DPOSchema:
+class DPOSchema(RolloutSchema):
+    pairs: str = "offline"  # offline (the data stage's preference pairs) | online (sampled, ranked by the reward)
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_coef: float = 0.0  # RPO: weight of the chosen responses' NLL
-    batch_size: int = 16
+    batch_size: int = 16  # offline: pairs per optimizer step
     max_len: int = 128
     long_prompt: str = "truncate_left"
+    prompts_per_step: int = 16  # online: prompts sampled per iteration, one pair each
+    samples_per_prompt: int = 4
+    minibatch_size: int = 4  # online: pairs per optimizer step
+    epochs: int = 1
 
 
 @dataclass
 class GRPOSchema(RolloutSchema):
     prompts_per_step: int = 8
+    clip_range: float = 0.2
     group_size: int = 8
     epochs: int = 1
     kl_coef: float = 0.04
@@ -318,23 +326,28 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         for b in cfg.logger.backends:
             if b not in ("mlflow", "wandb", "csv"):
                 bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
+    if stage == "sft" and cfg.packing and cfg.padding_free:
+        bad("padding_free", "packs each batch's examples; with packing=true they are packed already: set one")
     if stage == "rlhf":
         positive = [f"ppo.{k}" for k in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
                                          "temperature", "top_p")]
         positive += [f"grpo.{k}" for k in ("prompts_per_step", "minibatch_size", "epochs", "max_new_tokens",
                                            "temperature", "top_p")]
-        positive += ["dpo.batch_size", "dpo.max_len", "eval_max_new_tokens"]
+        positive += [f"dpo.{k}" for k in ("batch_size", "max_len", "prompts_per_step", "minibatch_size", "epochs",
+                                          "max_new_tokens", "temperature", "top_p")]
+        positive += ["eval_max_new_tokens"]
         for key in positive:
             if OmegaConf.select(cfg, key) <= 0:
                 bad(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
-        for key in ("ppo.kl_coef", "grpo.kl_coef", "eval_limit", "ppo.top_k", "grpo.top_k", "ppo.reward_clip"):
+        for key in ("ppo.kl_coef", "grpo.kl_coef", "eval_limit", "ppo.top_k", "grpo.top_k", "dpo.top_k",
+                    "ppo.reward_clip"):
             if OmegaConf.select(cfg, key) < 0:
                 bad(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
         if not 0 <= cfg.dpo.label_smoothing < 0.5:
             bad("dpo.label_smoothing", f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
         if cfg.algorithm not in ALGORITHMS:
             bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
-        for algo in ("ppo", "grpo"):
+        for algo in ("ppo", "grpo", "dpo"):
             if cfg[algo].reward not in REWARDS:
                 bad(f"{algo}.reward", f"expected one of {', '.join(REWARDS)}, got {cfg[algo].reward!r}")
         if cfg.ppo.value_model not in ("reward_model", "policy_head"):
@@ -349,10 +362,21 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             bad("grpo.group_size", f"must be >= 2 (advantages are relative to the group), got {cfg.grpo.group_size}")
         if (cfg.grpo.prompts_per_step * cfg.grpo.group_size) % cfg.grpo.minibatch_size:
             bad("grpo.minibatch_size", "must divide grpo.prompts_per_step * grpo.group_size")
-        if cfg.algorithm in ("ppo", "grpo"):  # one training step (an iteration) makes several optimizer steps
+        if cfg.dpo.pairs not in ("offline", "online"):
+            bad("dpo.pairs", f"expected offline or online, got {cfg.dpo.pairs!r}")
+        if cfg.dpo.samples_per_prompt < 2:
+            bad("dpo.samples_per_prompt", f"must be >= 2 (a pair is two of them), got {cfg.dpo.samples_per_prompt}")
+        if cfg.dpo.prompts_per_step % cfg.dpo.minibatch_size:
+            bad("dpo.minibatch_size", "must divide dpo.prompts_per_step (one pair per prompt)")
+        online_dpo = cfg.algorithm == "dpo" and cfg.dpo.pairs == "online"
+        if cfg.algorithm in ("ppo", "grpo") or online_dpo:  # one training step (an iteration): several optimizer steps
             c = cfg[cfg.algorithm]
-            per_iter = (c.ppo_epochs * c.rollout_batch_size if cfg.algorithm == "ppo"
-                        else c.epochs * c.prompts_per_step * c.group_size) // c.minibatch_size
+            if cfg.algorithm == "ppo":
+                per_iter = c.ppo_epochs * c.rollout_batch_size // c.minibatch_size
+            elif cfg.algorithm == "grpo":
+                per_iter = c.epochs * c.prompts_per_step * c.group_size // c.minibatch_size
+            else:
+                per_iter = c.epochs * c.prompts_per_step // c.minibatch_size
             if cfg.trainer.max_steps % per_iter:
                 bad("trainer.max_steps", f"counts optimizer steps, {per_iter} per {cfg.algorithm} iteration: use a "
                                          f"multiple of {per_iter}, got {cfg.trainer.max_steps}")

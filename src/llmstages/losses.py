@@ -158,8 +158,8 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.T
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct Preference Optimization loss (Rafailov et al. 2023, eq. 7), mean over pairs.
 
     ``loss = -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))])``. With
@@ -169,6 +169,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: summed response log-probabilities ``(B,)``
             in nats (see :func:`sequence_logprobs`).
+        weights: optional ``(B,)`` pair weights; the loss is then ``Σ w_i loss_i / max(Σ w_i, 1)`` (weight 0
+            leaves a pair out: online DPO's groups without a preference).
 
     Returns:
         ``(loss, chosen_rewards, rejected_rewards)``: the implicit rewards ``β (log π - log π_ref)`` ``(B,)``
@@ -178,7 +180,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     rejected = policy_rejected.float() - ref_rejected.float()
     h = beta * (chosen - rejected)
     loss = -(1.0 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
-    return loss.mean(), (beta * chosen).detach(), (beta * rejected).detach()
+    loss = loss.mean() if weights is None else (loss * weights).sum() / weights.sum().clamp(min=1.0)
+    return loss, (beta * chosen).detach(), (beta * rejected).detach()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -197,6 +200,31 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     centred = r - r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(r[:, :1])
     return (centred / (std.nan_to_num(0.0) + eps)).view(-1)
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Online DPO pairs from sampled groups: in each group the highest-scored response is chosen and the
+    lowest-scored one rejected (best-of-n against worst-of-n, as in iterative/online DPO with a reward model:
+    Xiong et al. 2024, §3; Guo et al. 2024 with the reward model as the annotator).
+
+    Args:
+        rewards: ``(B,)`` scores of ``B / group_size`` consecutive groups of responses to the same prompt.
+
+    Returns:
+        ``(chosen, rejected, valid)``, each ``(B / group_size,)``: flat indices into ``rewards`` of each group's
+        best and worst response (the first one on a tie), and whether the best scored strictly higher than the
+        worst (a group whose scores are all equal expresses no preference).
+
+    Raises:
+        ValueError: if ``B`` is not a multiple of ``group_size`` or ``group_size < 2``.
+    """
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size} (at least 2)")
+    r = rewards.float().view(-1, group_size)
+    start = torch.arange(r.shape[0], device=r.device) * group_size
+    best, worst = r.argmax(1), r.argmin(1)
+    valid = r.max(1).values > r.min(1).values
+    return start + best, start + worst, valid
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,

@@ -196,6 +196,41 @@ def collate_sft(batch, pad_id: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin packing of items of ``lengths`` into as few rows of ``capacity`` as first-fit decreasing finds (each
+    item into the first row it fits, longest first). Returns the item indices of each row."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([]), room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def _packed_rows(seqs: list[list[int]], capacity: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """``seqs`` packed (:func:`first_fit_decreasing`): each row's item indices, concatenated ids and segment
+    ids (1, 2, ... per item)."""
+    bins = first_fit_decreasing([len(x) for x in seqs], capacity)
+    ids = [[t for i in b for t in seqs[i]] for b in bins]
+    segs = [[k + 1 for k, i in enumerate(b) for _ in seqs[i]] for b in bins]
+    return bins, ids, segs
+
+
+def collate_padding_free(batch, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """The ``(input_ids, loss_mask)`` examples of one batch packed into rows of at most ``max_len`` tokens
+    (:func:`first_fit_decreasing`), each example attending only to itself with its own positions
+    (padding-free batching, as TRL's ``padding_free``): the same examples and the same loss as
+    :func:`collate_sft`'s padded batch, without computing the padding. Returns :func:`collate_sft`'s keys with
+    ``positions`` and ``attn_mask``; ``B`` is the number of rows."""
+    bins, ids, segs = _packed_rows([b[0] for b in batch], max_len)
+    masks = [[m for i in b for m in batch[i][1]] for b in bins]
+    return collate_sft(list(zip(ids, masks, segs)), pad_id)
+
+
 class PreferenceDataset(Dataset):
     """Chosen/rejected pairs ``{"prompt": [messages], "chosen": str, "rejected": str}``, each rendered as a whole
     chat: item ``(chosen_ids, rejected_ids, chosen_loss_mask, rejected_loss_mask)``, the masks 1 on the final
@@ -239,6 +274,24 @@ def collate_pairs(batch, pad_id: int) -> dict[str, torch.Tensor]:
     seqs = [b[0] for b in batch] + [b[1] for b in batch]
     return {"tokens": _pad_right(seqs, pad_id), "mask": _pad_right([[1] * len(s) for s in seqs], 0),
             "loss_mask": _pad_right([b[2] for b in batch] + [b[3] for b in batch], 0)}
+
+
+def collate_pairs_padding_free(batch, pad_id: int, max_len: int) -> dict[str, torch.Tensor]:
+    """:func:`collate_pairs`' ``2B`` sequences (chosen then rejected) packed into ``R`` rows of at most
+    ``max_len`` tokens (:func:`first_fit_decreasing`), each attending only to itself: ``tokens`` ``(R, T)``,
+    ``attn_mask`` ``(R, T, T)``, ``positions`` ``(R, T)`` and ``last`` ``(2B, 2)``, the (row, column) of each
+    sequence's last token, in :func:`collate_pairs`' order."""
+    seqs = [b[0] for b in batch] + [b[1] for b in batch]
+    bins, ids, segs = _packed_rows(seqs, max_len)
+    last = [None] * len(seqs)
+    for r, b in enumerate(bins):
+        end = 0
+        for i in b:
+            end += len(seqs[i])
+            last[i] = (r, end - 1)
+    attn, pos = packed_attention(_pad_right(segs, 0))
+    return {"tokens": _pad_right(ids, pad_id), "attn_mask": attn, "positions": pos,
+            "last": torch.tensor(last, dtype=torch.long)}
 
 
 class PromptDataset(Dataset):

@@ -1,6 +1,7 @@
 """Reward model: the SFT backbone plus a scalar head, trained on preference pairs with the Bradley–Terry loss.
 
-The reward of a sequence is the head's output at its last non-padding token (Ouyang et al. 2022, §3.5).
+The reward of a sequence is the head's output at its last non-padding token (Ouyang et al. 2022, §3.5). With
+``padding_free`` each training batch's sequences are packed into rows, each attending only to itself.
 Logs pairwise accuracy (chosen scored above rejected) on held-out pairs.
 """
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PreferenceDataset, collate_pairs
+from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free
 from ..data.formats import read_canonical
 from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
@@ -34,13 +35,18 @@ class RewardModule(L.LightningModule):
         self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model), optim
         self.hidden_fn = CompiledCall(model.hidden, compile)
 
-    def scores(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Reward ``(N,)`` of right-padded ``tokens``/``mask`` ``(N, T)``, read at the last real token."""
-        h = self.hidden_fn(tokens)  # right padding: causal attention never sees the pads before the end
-        return self.head(h).gather(1, last_token_index(mask)[:, None]).squeeze(1)
+    def scores(self, batch: dict) -> torch.Tensor:
+        """Reward ``(2B,)`` of each sequence of a :func:`~llmstages.data.datasets.collate_pairs` batch (right-padded
+        ``tokens``/``mask`` ``(2B, T)``) or a :func:`~llmstages.data.datasets.collate_pairs_padding_free` one
+        (packed rows and each sequence's ``last`` (row, column)), read at the sequence's last token."""
+        if "last" in batch:
+            h = self.hidden_fn(batch["tokens"], positions=batch["positions"], attn_mask=batch["attn_mask"])
+            return self.head(h)[batch["last"][:, 0], batch["last"][:, 1]]
+        h = self.hidden_fn(batch["tokens"])  # right padding: causal attention never sees the pads before the end
+        return self.head(h).gather(1, last_token_index(batch["mask"])[:, None]).squeeze(1)
 
     def _step(self, batch, prefix: str):
-        r = self.scores(batch["tokens"], batch["mask"])
+        r = self.scores(batch)
         chosen, rejected = r.chunk(2)
         loss = bradley_terry_loss(chosen, rejected)
         if prefix == "val" or is_log_step(self):
@@ -69,7 +75,7 @@ def accuracy_by_task(module: RewardModule, pairs: DataLoader, tasks: list[str]) 
     module.eval()
     hits: list[bool] = []
     for batch in pairs:
-        chosen, rejected = module.scores(batch["tokens"], batch["mask"]).chunk(2)
+        chosen, rejected = module.scores(batch).chunk(2)
         hits += (chosen > rejected).tolist()
     return per_task("val_accuracy", hits, tasks)
 
@@ -89,9 +95,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module = RewardModule(model, optim_kwargs(cfg), cfg.trainer.compile)
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
+    train_dl = dict(dl, collate_fn=partial(collate_pairs_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
+                    ) if cfg.padding_free else dl
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
-    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
+    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **train_dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:

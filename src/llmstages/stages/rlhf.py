@@ -30,7 +30,7 @@ from ..model import GPT, ScalarHead
 from ..rollout import response_logprobs, sample, sequence_reward_fn
 from ..tokenizer import load_tokenizer
 from .common import Stage, is_rank_zero, log_encoding, optim_kwargs, seed_everything
-from .dpo import DPOModule
+from .dpo import DPOModule, OnlineDPOModule
 from .grpo import GRPOModule
 from .ppo import PPOModule
 
@@ -61,22 +61,27 @@ def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, ro
 
 def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
           data_dir: Path):
-    """The LightningModule of ``cfg.algorithm`` with its training (and, for DPO, validation) data loader."""
+    """The LightningModule of ``cfg.algorithm`` with its training data loader and, for DPO, the held-out pairs'
+    loader (``None`` otherwise)."""
     algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
 
     def order(tasks: list[str]) -> dict:  # DataLoader arguments: task-balanced draws, or a plain shuffle
         return dict(sampler=task_balanced_sampler(tasks, cfg.trainer.seed)) if cfg.balance_tasks else dict(shuffle=True)
-    if algo == "dpo":
-        c = dict(cfg.dpo)
-        paths = (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl")
-        train, val = (PreferenceDataset(read_canonical(p, "preference"), tok, c["max_len"], c["long_prompt"], str(p))
-                      for p in paths)
-        log_encoding("dpo", train=train.stats, val=val.stats)
+    c = dict(cfg[algo])
+    val_dl = None
+    if algo == "dpo":  # the held-out pairs: implicit-reward accuracy and margin, offline and online
+        pairs = {}
+        for split in ("train", "val") if c["pairs"] == "offline" else ("val",):
+            path = data_dir / f"pref_{split}.jsonl"
+            pairs[split] = PreferenceDataset(read_canonical(path, "preference"), tok, c["max_len"], c["long_prompt"],
+                                             str(path))
+        log_encoding("dpo", **{k: d.stats for k, d in pairs.items()})
         kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
                   num_workers=cfg.num_workers)
-        return (DPOModule(policy, reference, optim, c, clip), DataLoader(train, drop_last=True, **order(train.tasks), **kw),
-                DataLoader(val, **kw))
-    c = dict(cfg[algo])
+        val_dl = DataLoader(pairs["val"], **kw)
+        if c["pairs"] == "offline":
+            train = DataLoader(pairs["train"], drop_last=True, **order(pairs["train"].tasks), **kw)
+            return DPOModule(policy, reference, optim, c, clip), train, val_dl
     max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
     if max_prompt < 4:
         raise ValueError(f"rlhf.{algo}.max_new_tokens={c['max_new_tokens']} leaves no room for a prompt in the "
@@ -84,7 +89,8 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
     prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
     reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"],
                                    tuple(c["verifiable_tasks"]))
-    module_cls, n = (PPOModule, c["rollout_batch_size"]) if algo == "ppo" else (GRPOModule, c["prompts_per_step"])
+    module_cls = {"ppo": PPOModule, "grpo": GRPOModule, "dpo": OnlineDPOModule}[algo]
+    n = c["rollout_batch_size"] if algo == "ppo" else c["prompts_per_step"]  # prompts per iteration
     loader = DataLoader(prompts, batch_size=n, drop_last=True, collate_fn=collate_prompts,
                         **order([p["task"] for p in prompts.items]))
     frozen = (reward_model, reward_head) if "model" in c["reward"] else ()
@@ -94,7 +100,7 @@ def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, rewar
                       critic_head=copy.deepcopy(reward_head).requires_grad_(True).train())
     module = module_cls(policy, reference, reward_fn, optim, c, clip, frozen, eos_id=tok.eos_id, pad_id=tok.pad_id,
                         **critic)
-    return module, loader, None
+    return module, loader, val_dl
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

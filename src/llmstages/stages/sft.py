@@ -1,7 +1,9 @@
 """Supervised fine-tuning: chat-template conversations, next-token loss on assistant turns only.
 
 Each assistant turn's EOS is supervised, so the model learns to stop. With ``packing``, several examples share
-one sequence, each with its own loss mask, positions and attention (no attention across examples). Held-out
+one sequence, each with its own loss mask, positions and attention (no attention across examples); with
+``padding_free`` the examples of each (randomly drawn) batch are packed that way when the batch is made, so a
+step sees the same examples and loss as a padded batch but computes no padding. Held-out
 exact match is measured by greedy generation, for the starting (pretrained) model and for the result.
 """
 
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_sft, read_jsonl
+from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl
 from ..data.formats import read_canonical
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
                           probe_answers)
@@ -77,8 +79,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile)
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
+    train_dl = dict(dl, collate_fn=partial(collate_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
+                    ) if cfg.padding_free else dl
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
-    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **dl), val_dl)
+    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **train_dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     if not trainer.is_global_zero:
