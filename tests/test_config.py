@@ -92,9 +92,10 @@ def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(over
         validate("pretrain", compose("pretrain", [override]))
 
 
-def test_packing_and_padding_free_together_are_refused():
-    with pytest.raises(ConfigError, match=r"padding_free.*packing=true"):
-        validate("sft", compose("sft", ["packing=true", "padding_free=true"]))
+def test_sft_defaults_are_padding_free_and_packing_alone_still_validates():
+    cfg = validate("sft", compose("sft"))
+    assert cfg.padding_free and not cfg.packing and cfg.trainer.max_steps == 2500
+    assert validate("sft", compose("sft", ["packing=true"])).packing  # packed items: padding_free does not apply
 
 
 @pytest.mark.parametrize("field,value,message", [("dropout", 2.0, "model.dropout must be in [0, 1), got 2.0"),

@@ -326,8 +326,6 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         for b in cfg.logger.backends:
             if b not in ("mlflow", "wandb", "csv"):
                 bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
-    if stage == "sft" and cfg.packing and cfg.padding_free:
-        bad("padding_free", "packs each batch's examples; with packing=true they are packed already: set one")
     if stage == "rlhf":
         positive = [f"ppo.{k}" for k in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
                                          "temperature", "top_p")]

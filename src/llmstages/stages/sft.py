@@ -80,7 +80,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
     train_dl = dict(dl, collate_fn=partial(collate_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
-                    ) if cfg.padding_free else dl
+                    ) if cfg.padding_free and not cfg.packing else dl  # packed items are packed already
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
     resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **train_dl), val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
