@@ -121,9 +121,8 @@ def test_task_sets(built):
     for (q, _), n in qa.items():  # small training sums (operands <= 20: all of them here) come 4 times
         assert n == (4 if q in train_q and ARITH.fullmatch(q) else 1), q
     explain_sft = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in sft if r["task"] == "explain"]
-    simple = sum(a == answers[q] for q, a in explain_sft)
-    assert len(explain_sft) == len(technical) and all(a in (answers[q], technical[q]) for q, a in explain_sft)
-    assert 0.1 < simple / len(explain_sft) < 0.4  # mostly the technical answer (EXPLAIN_SIMPLE_SFT = 0.25)
+    # each explain prompt once with its simple answer and 3 times with its technical one
+    assert Counter(explain_sft) == {**{(q, answers[q]): 1 for q in technical}, **{(q, t): 3 for q, t in technical.items()}}
     topics = {split: {r["topic"] for r in explain_rows() if r["prompt"] in
                       {x["prompt"] for x in jsonl(out / f"prompts_{split}.jsonl")}} for split in ("train", "val")}
     assert topics["val"] and not topics["train"] & topics["val"]  # explain prompts are held out by topic

@@ -35,7 +35,7 @@ from llmstages.checkpoint import write_json
 from llmstages.data.corpus import Piece, corpus_bytes, is_val_doc, iter_corpus, token_dtype, write_token_files
 from llmstages.data.formats import load_preferences, load_sft
 from llmstages.data.jsonio import iter_jsonl, require_fields
-from llmstages.data.tasks import (ARITHMETIC_LINES_PER_DOC, EXPLAIN_SIMPLE_SFT, SMALL_SUM_COPIES, arith_rejects, arithmetic_documents, arithmetic_qa,
+from llmstages.data.tasks import (ARITHMETIC_LINES_PER_DOC, EXPLAIN_SFT_SIMPLE, EXPLAIN_SFT_TECHNICAL, SMALL_SUM_COPIES, arith_rejects, arithmetic_documents, arithmetic_qa,
                                   docstring_qa, explain_rows, is_small_sum)
 from llmstages.tokenizer import load_tokenizer, train_tokenizer
 
@@ -108,9 +108,9 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
     (tasks: :mod:`llmstages.data.tasks`).
 
     Arithmetic and docstring questions are split by question, ``explain`` prompts by topic. Docstring
-    rejections are drawn from the same split's answers, so train/val stay disjoint. An ``explain`` prompt's SFT
-    answer is its simple one with probability ``EXPLAIN_SIMPLE_SFT`` (seeded per prompt), else its technical
-    one; its preference pair always prefers the simple one. Small training sums (:func:`is_small_sum`) appear
+    rejections are drawn from the same split's answers, so train/val stay disjoint. An ``explain`` prompt appears
+    in the SFT set ``EXPLAIN_SFT_SIMPLE`` times with its simple answer and ``EXPLAIN_SFT_TECHNICAL`` times with
+    its technical one; its preference pair always prefers the simple one. Small training sums (:func:`is_small_sum`) appear
     ``SMALL_SUM_COPIES`` times in ``sft_train``.
     """
     qa = [(q, a, "arithmetic") for q, a in arithmetic_qa(arithmetic_max)]
@@ -122,12 +122,12 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
     for split, rows in zip(("train", "val"), _split_rows(base, fraction, seed)):
         ex = [r for r in explain if (r["topic"] in val_topics) == (split == "val")]
         out[f"prompts_{split}"] = rows + [{"prompt": r["prompt"], "answer": r["answer"], "task": "explain"} for r in ex]
-        sft_answer = {r["prompt"]: r["answer" if random.Random(f"{seed}:{r['prompt']}").random() < EXPLAIN_SIMPLE_SFT
-                                     else "rejected"] for r in ex}
+        sft_answers = {r["prompt"]: [r["answer"]] * EXPLAIN_SFT_SIMPLE + [r["rejected"]] * EXPLAIN_SFT_TECHNICAL
+                       for r in ex}
         copies = {r["prompt"]: SMALL_SUM_COPIES if split == "train" and is_small_sum(r["prompt"]) else 1
                   for r in out[f"prompts_{split}"]}
-        out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], sft_answer.get(r["prompt"], r["answer"])),
-                                "task": r["task"]} for r in out[f"prompts_{split}"] for _ in range(copies[r["prompt"]])]
+        out[f"sft_{split}"] = [{"messages": _chat(r["prompt"], a), "task": r["task"]} for r in out[f"prompts_{split}"]
+                               for a in sft_answers.get(r["prompt"], [r["answer"]] * copies[r["prompt"]])]
         doc_answers = [r["answer"] for r in rows if r["task"] == "docstring"]
         pref = []
         for r in rows:

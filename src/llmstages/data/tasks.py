@@ -13,8 +13,8 @@ Three tasks, each row tagged with its ``task``:
 ``explain``
     "Explain gravity to a 5-year-old." and two other phrasings, over :data:`EXPLAIN_TOPICS`. Each topic has a
     simple answer a child can follow and a technical one; the preference pairs prefer the simple one, while
-    the SFT set mostly gives the technical one (:data:`EXPLAIN_SIMPLE_SFT`; real instruction data mixes
-    styles), so that preference learning (reward model, then RLHF) is what moves the model towards the simple,
+    the SFT set gives each prompt mostly the technical one (:data:`EXPLAIN_SFT_SIMPLE` against
+    :data:`EXPLAIN_SFT_TECHNICAL` copies; real instruction data mixes styles), so that preference learning (reward model, then RLHF) is what moves the model towards the simple,
     helpful answer.
     Prompts are split by topic: held-out topics are never seen in training.
 """
@@ -152,7 +152,12 @@ def docstring_qa(modules: tuple[str, ...] = DOC_MODULES) -> list[tuple[str, str]
 # --------------------------------------------------------------------------- explain simply
 EXPLAIN_PROMPTS = ("Explain {} to a 5-year-old.", "How would you explain {} to a child?", "What is {}, in simple words?",
                    "Tell me about {}.", "Can you explain {}?")
-EXPLAIN_SIMPLE_SFT = 0.25  #: fraction of SFT answers to explain prompts that are the simple one
+#: How often each ``explain`` prompt appears in the SFT set with its simple and with its technical answer: the
+#: same question answered in both styles (as by different annotators), so that the SFT model keeps both answers
+#: likely (the simple one about 1 in 4) and preference learning can move probability between them. With one
+#: answer per prompt (the simple one for a random quarter of the prompts), the model memorised each prompt's one
+#: answer and RLHF could not move it within 1 nat of KL (README, ablations).
+EXPLAIN_SFT_SIMPLE, EXPLAIN_SFT_TECHNICAL = 1, 3
 
 #: ``(topic, simple answer, technical answer)``: the simple one is what the preference data prefers.
 EXPLAIN_TOPICS = (
