@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llmstages.data.corpus import corpus_bytes, iter_corpus, token_dtype, write_token_files
+from llmstages.data.corpus import corpus_bytes, iter_corpus
+from llmstages.data.tokens import token_dtype, write_token_files
 from llmstages.tokenizer import ChatTokenizer, train_tokenizer
 
 GB = 10**9

@@ -8,7 +8,7 @@ For each model preset (``conf/model/<name>.yaml``) and precision (fp32 = ``train
 - **bare**: a plain PyTorch loop (no Lightning, Hydra or logger) with the same optimizer, schedule, clipping
   and loader.
 
-Both run with the host-allocator setting every stage run makes (``stages.common.keep_freed_host_memory``).
+Both run with the host-allocator setting every stage run makes (``runtime.keep_freed_host_memory``).
 
 Batches are random windows of a memory-mapped synthetic token file (``TokenWindows``, as the stage reads
 ``train.bin``): a sparse first-order Markov chain over a 4,096-token vocabulary, which a model can learn
@@ -147,8 +147,9 @@ def bare_steps(tokens: Path, preset: str, precision: str, steps: int, device: st
     import torch
 
     from llmstages.losses import next_token_loss
-    from llmstages.model import GPT, param_groups
-    from llmstages.stages.common import adamw_with_schedule
+    from llmstages.model import GPT
+    from llmstages.optim import param_groups
+    from llmstages.optim import adamw_with_schedule
 
     torch.manual_seed(0)
     model = GPT(model_config(preset)).to(device)
@@ -275,7 +276,7 @@ def worker(job: dict) -> dict:
     import torch
 
     from llmstages.model import GPT
-    from llmstages.stages.common import keep_freed_host_memory
+    from llmstages.runtime import keep_freed_host_memory
 
     quiet()
     keep_freed_host_memory()  # as every stage run does (Stage): both loops get it
@@ -381,7 +382,7 @@ def main() -> int:
 
     import torch
 
-    from llmstages.stages.common import resolve_precision
+    from llmstages.runtime import resolve_precision
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")

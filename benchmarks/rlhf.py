@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmstages.config import ConfigError, validate
     from llmstages.data.build import arithmetic_qa
     from llmstages.model import GPT, GPTConfig, ScalarHead
-    from llmstages.stages.common import keep_freed_host_memory, resolve_precision, seed_everything
+    from llmstages.runtime import keep_freed_host_memory, resolve_precision, seed_everything
     from llmstages.stages.rlhf import build
     from llmstages.tokenizer import train_tokenizer
 
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = GPT(gcfg)
         reference = copy.deepcopy(policy)
         reward_model, reward_head = GPT(gcfg), ScalarHead(gcfg.d_model)
-        module, loader, _ = build(cfg, policy, reference, reward_model, reward_head, tok, work)
+        run = build(cfg, policy, reference, reward_model, reward_head, tok, work)
+        module, loader = run.module, run.train_dl
         times = IterationTimes(module)
         n_iter = args.warmup + args.iterations
         trainer = L.Trainer(accelerator=cfg.trainer.accelerator, devices=1, precision=precision,

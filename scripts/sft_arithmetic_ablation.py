@@ -22,7 +22,8 @@ import torch
 from llmstages.checkpoint import load_output
 from llmstages.evaluation import generate_answers, normalise
 from llmstages.losses import next_token_loss
-from llmstages.model import GPT, GPTConfig, param_groups
+from llmstages.model import GPT, GPTConfig
+from llmstages.optim import param_groups
 from llmstages.tokenizer import load_tokenizer
 
 

@@ -112,7 +112,7 @@ def test_bad_folders_are_one_line_errors_before_training(tiny_run, tmp_path):
     assert {f.name: f.read_bytes() for f in (tmp_path / "data").iterdir()} == before
     p = run(["pretrain", "trainer.strategy=nonsense", *base], tmp_path, check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].endswith(
-        "pretrain.trainer.strategy='nonsense' is not a Lightning strategy; expected auto, ddp, fsdp, deepspeed, ... "
+        "pretrain.trainer.strategy: 'nonsense' is not a Lightning strategy; expected auto, ddp, fsdp, deepspeed, ... "
         "(Lightning's StrategyRegistry has them all)")
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
 from llmstages.cli import compose_params
-from llmstages.config import STAGES, ConfigError, validate
+from llmstages.config import SCHEMAS, STAGES, ConfigError, validate
+from llmstages.runtime import check_trainer
 
 GROUP_OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "optim", "trainer", "logger", "data")}
 
@@ -32,6 +35,59 @@ def test_every_group_option_validates(group, option):
     stage = {"model": "pretrain", "data": "data"}.get(group, "sft")
     cfg = validate(stage, compose(stage, [f"{group}={option}"]))
     assert cfg[group] is not None
+
+
+TRAINING = ("pretrain", "sft", "reward", "rlhf")
+
+
+def compositions(path: Path) -> list[tuple[str, list[str]]]:
+    """How the YAML file ``path`` under conf/ takes part in a config: ``(stage, overrides)`` to compose with
+    ``llmstages <stage>``, or ``("pipeline", overrides)`` for params.yaml (conf/config.yaml)."""
+    rel = path.relative_to(CONF)
+    group, name = rel.parent.as_posix(), rel.stem
+    table = {
+        ".": [("pipeline", [])] if name == "config" else [(s, []) for s in STAGES],  # config.yaml, entry_common.yaml
+        "entry": [(name, [])],
+        "stage": [("pipeline", [])],  # each is one section of params.yaml
+        "experiment": [("pipeline", [f"+experiment={name}"])],
+        "hparams_search": [(name.split("_")[0], [f"hparams_search={name}"])],
+        "rlhf_algorithm": [("rlhf", [f"algorithm={name}"])],
+        "model": [("pretrain", [f"model={name}"])],
+        "data": [("data", [f"data={name}"])],
+        **{g: [(s, [f"{g}={name}"]) for s in TRAINING] for g in ("optim", "trainer", "logger", "probes")},
+    }
+    assert group in table, f"conf/{rel}: a config folder that this test does not compose yet; add it to the table"
+    return table[group]
+
+
+@pytest.mark.parametrize("path", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
+def test_every_yaml_under_conf_composes_and_validates(path, tmp_path):
+    """Every file under conf/, found recursively (a new one is tested without being listed here)."""
+    assert path.name != "params.yaml"
+    for stage, overrides in compositions(path):
+        if stage == "pipeline":  # composes and validates every stage section, as `llmstages params` does
+            compose_params(overrides, tmp_path / "params.yaml")
+            assert set(yaml.safe_load((tmp_path / "params.yaml").read_text())) == set(STAGES)
+        else:
+            assert validate(stage, compose(stage, overrides)) is not None
+
+
+def test_schemas_hold_types_not_defaults():
+    """One source for each value: conf/ gives every value; a schema only types and checks it."""
+    for stage, schema in SCHEMAS.items():
+        empty = OmegaConf.structured(schema)
+        leaves = OmegaConf.to_container(empty, resolve=False, throw_on_missing=False)
+
+        def walk(node, prefix=""):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+        defaults = [k for k, v in walk(leaves) if v != "???"]
+        assert not defaults, f"{stage} schema has defaults for {defaults}; they belong in conf/"
+    with pytest.raises(ConfigError, match=re.escape("sft config has no value for optim.lr (every key comes from conf/")):
+        cfg = OmegaConf.to_container(compose("sft"))
+        del cfg["optim"]["lr"]  # e.g. a params.yaml composed before the key existed
+        validate("sft", cfg)
 
 
 def test_model_presets_sizes():
@@ -90,6 +146,26 @@ def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(over
     training (or, for accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate("pretrain", compose("pretrain", [override]))
+
+
+def test_every_trainer_check_is_one_function_and_machine_checks_wait_for_a_run_here():
+    """check_trainer holds every trainer check: values always, this machine's only when the stage runs here
+    (params.yaml may be composed for a GPU machine on a laptop)."""
+    gpu = compose("pretrain", ["trainer.accelerator=gpu"])
+    assert validate("pretrain", gpu).trainer.accelerator == "gpu"  # composing params: fine
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=re.escape("pretrain.trainer.accelerator: is gpu, but this torch")):
+            validate("pretrain", gpu, runs_here=True)
+    with pytest.raises(ConfigError, match=re.escape("pretrain.trainer.strategy: 'ddp_fork' starts its processes by "
+                                                    "spawn or fork")):
+        validate("pretrain", compose("pretrain", ["trainer.strategy=ddp_fork"]), runs_here=True)
+    # The RL stage steps the optimizer itself: accumulation is refused in one line, before any training.
+    with pytest.raises(ConfigError, match=re.escape("rlhf.trainer.accumulate_grad_batches: is 2, but "
+                                                    "rlhf.algorithm=ppo steps the optimizer itself (manual optimization)")):
+        validate("rlhf", compose("rlhf", ["trainer.accumulate_grad_batches=2"]))
+    offline = ["algorithm=dpo", "dpo.pairs=offline", "trainer.accumulate_grad_batches=2"]
+    assert validate("rlhf", compose("rlhf", offline)).trainer.accumulate_grad_batches == 2  # automatic optimization
+    assert check_trainer(compose("pretrain").trainer, runs_here=True) == []
 
 
 def test_sft_defaults_are_padding_free_and_packing_alone_still_validates():

@@ -12,15 +12,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from llmstages.data.corpus import (
-    Piece,
-    corpus_bytes,
-    find_files,
-    is_val_doc,
-    iter_corpus,
-    token_dtype,
-    write_token_files,
-)
+from llmstages.data.corpus import Piece, corpus_bytes, find_files, iter_corpus
+from llmstages.data.tokens import is_val_doc, token_dtype, write_token_files
 
 EOS = 2
 SAMPLE = (

@@ -12,7 +12,7 @@ import pytest
 
 from llmstages.data.build import build_data, iter_documents
 from llmstages.data.tasks import docstring_qa, explain_rows, first_sentence
-from llmstages.data.corpus import is_val_doc
+from llmstages.data.tokens import is_val_doc
 from llmstages.tokenizer import load_tokenizer
 
 EOS_ID = 2  # of a tokenizer trained here

@@ -94,5 +94,6 @@ def test_ddp_in_a_multirun_and_spawned_processes_are_refused_before_training(tin
     assert "a multi-process run cannot be a job of a Hydra multirun" in p.stderr
     p = run(["pretrain", *args, "trainer.strategy=ddp_spawn"], tmp_path)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
-        "llmstages pretrain: error: trainer.strategy=ddp_spawn: processes started by spawn or fork are not "
-        "supported; use trainer.strategy=ddp (Lightning reruns the command for each process)")
+        "llmstages pretrain: config (conf/ + command-line overrides): pretrain.trainer.strategy: 'ddp_spawn' starts "
+        "its processes by spawn or fork, which is not supported; use trainer.strategy=ddp (Lightning reruns the "
+        "command for each process)")

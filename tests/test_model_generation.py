@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from llmstages.generation import generate, left_pad, positions_from_mask
-from llmstages.model import GPT, GPTConfig, KVCache, ScalarHead, last_token_index, param_groups
+from llmstages.model import GPT, GPTConfig, KVCache, ScalarHead, last_token_index
+from llmstages.optim import param_groups
 
 VOCAB = 50
 PROMPTS = [[3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]  # lengths 2, 5, 9

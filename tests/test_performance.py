@@ -17,8 +17,8 @@ import torch
 
 from llmstages.generation import generate, left_pad, positions_from_mask
 from llmstages.model import GPT, GPTConfig
-from llmstages.stages import common
-from llmstages.stages.common import CompiledCall
+from llmstages import runtime
+from llmstages.runtime import CompiledCall
 from llmstages.stages.pretrain import PretrainModule
 
 from test_cli import run
@@ -36,17 +36,17 @@ def test_flops_per_token_by_hand():
 
 @pytest.mark.parametrize("units", [False, True])
 def test_precision_auto_follows_the_cpus_bf16_units_and_emulated_bf16_warns(monkeypatch, caplog, units):
-    monkeypatch.setattr(common, "cpu_has_bf16_units", lambda: units)
+    monkeypatch.setattr(runtime, "cpu_has_bf16_units", lambda: units)
     with caplog.at_level(logging.WARNING, logger="llmstages"):
-        assert common.resolve_precision("auto", "cpu") == ("bf16-mixed" if units else "32-true")
-        assert common.resolve_precision("32-true", "cpu") == "32-true"
-        assert common.resolve_precision(32, "cpu") == 32  # trainer.precision=32 on the command line is an int
+        assert runtime.resolve_precision("auto", "cpu") == ("bf16-mixed" if units else "32-true")
+        assert runtime.resolve_precision("32-true", "cpu") == "32-true"
+        assert runtime.resolve_precision(32, "cpu") == 32  # trainer.precision=32 on the command line is an int
         assert not caplog.records
-        assert common.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the user's choice stands
+        assert runtime.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # the user's choice stands
     assert ("trainer.precision=bf16-mixed on a CPU without AMX" in caplog.text) == (not units)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="llmstages"):  # no fp16 autocast on a CPU: the fast one, said
-        assert common.resolve_precision("16-mixed", "cpu") == ("bf16-mixed" if units else "32-true")
+        assert runtime.resolve_precision("16-mixed", "cpu") == ("bf16-mixed" if units else "32-true")
     assert "trainer.precision=16-mixed: fp16 autocast does not exist on a CPU; training in " \
         f"{'bf16-mixed' if units else '32-true'} instead" in caplog.text
 
@@ -122,7 +122,7 @@ def test_freed_host_memory_is_reused_without_page_faults():
     minor page faults of 4 KiB each."""
     code = """
 import resource, torch
-from llmstages.stages.common import keep_freed_host_memory
+from llmstages.runtime import keep_freed_host_memory
 def faults():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(3):

@@ -8,6 +8,7 @@ logs to the project's own MLflow store, tagged with the experiment names.
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
@@ -164,3 +165,53 @@ def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
                                      capture_output=True, text=True, check=True).stdout)["data"]
     values = diff["outputs/pretrain/curves/val/loss.tsv"][0]["content"]["data"]["values"]
     assert {p["rev"] for p in values} == set(names)
+
+
+def import_closure(module: Path) -> set[Path]:
+    """The files of ``src/llmstages`` that importing ``module`` runs: its ``llmstages`` imports (relative or
+    absolute, at module level or inside functions), the packages on their way, and theirs, recursively."""
+    src = ROOT / "src"
+
+    def file_of(name: str) -> Path | None:
+        p = src.joinpath(*name.split("."))
+        return p / "__init__.py" if (p / "__init__.py").is_file() else p.with_suffix(".py") if \
+            p.with_suffix(".py").is_file() else None
+
+    seen, todo = set(), [module]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        parts = list(f.relative_to(src).with_suffix("").parts)
+        package = parts[:-1]  # a module's package; for a package's __init__, the package itself
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                names = [base, *(f"{base}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in (n for n in names if n.split(".")[0] == "llmstages"):
+                bits = name.split(".")
+                todo += [p for i in range(1, len(bits) + 1) if (p := file_of(".".join(bits[:i]))) is not None]
+    return seen
+
+
+def test_each_stage_depends_on_every_source_file_it_imports():
+    """dvc.yaml's deps list, for each stage, every file of the package its module imports (a dep may be a folder
+    holding it), so that a change there reruns the stage; and every listed source path exists."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == {"data", "pretrain", "sft", "reward", "rlhf"}
+    for name, stage in stages.items():
+        deps = [ROOT / d for d in stage["deps"] if d.startswith("src/")]
+        assert all(d.exists() for d in deps), [str(d) for d in deps if not d.exists()]
+        closure = import_closure(ROOT / "src/llmstages/stages" / f"{name}.py")
+        missing = sorted(str(f.relative_to(ROOT)) for f in closure
+                         if not any(f == d or d in f.parents for d in deps))
+        assert not missing, f"dvc.yaml: stage {name} does not list {missing} among its deps"
+    assert ROOT / "src/llmstages/rollout.py" in import_closure(ROOT / "src/llmstages/stages/rlhf.py")
+    assert ROOT / "src/llmstages/rollout.py" not in import_closure(ROOT / "src/llmstages/stages/sft.py")

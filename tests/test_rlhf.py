@@ -9,6 +9,7 @@ best and worst of its own samples (online).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from functools import partial
 
 import lightning as L
@@ -16,6 +17,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+
+from conftest import CONF
 
 from llmstages.config import DPOSchema, GRPOSchema, PPOSchema
 from llmstages.data.datasets import collate_pairs, collate_prompts
@@ -48,8 +51,13 @@ def optim(lr: float, max_steps: int) -> dict:
                 min_lr_ratio=1.0)
 
 
-def section(schema, **overrides) -> dict:
-    return {**OmegaConf.to_container(OmegaConf.structured(schema)), **overrides}
+def section(schema, **overrides):
+    """The algorithm's typed settings: its config group's values (conf/rlhf_algorithm/, the papers' defaults)
+    with ``overrides``."""
+    name = {PPOSchema: "ppo", GRPOSchema: "grpo", DPOSchema: "dpo"}[schema]
+    values = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(CONF / "rlhf_algorithm" / f"{name}.yaml"),
+                             overrides)
+    return OmegaConf.to_object(values)
 
 
 def fit(module: L.LightningModule, loader: DataLoader, max_steps: int) -> L.Trainer:
@@ -102,7 +110,7 @@ def make(algorithm: str, lr: float, steps: int):
                     max_new_tokens=6, missing_eos_penalty=0.0, beta=0.1)
         return OnlineDPOModule(policy, reference, toy_reward, optim(lr, steps), c, 1.0, **IDS), prompt_loader(4)
     c = section(DPOSchema, batch_size=8, beta=0.1)
-    return DPOModule(policy, reference, optim(lr, steps), c, 1.0), pair_loader(8)
+    return DPOModule(policy, reference, optim(lr, steps), c), pair_loader(8)
 
 
 @pytest.mark.parametrize("algorithm,lr,steps", [("ppo", 1e-2, 40), ("ppo-critic", 1e-2, 40), ("grpo", 1e-2, 24),
@@ -134,7 +142,7 @@ def test_every_trainable_parameter_changes_and_reference_does_not(algorithm):
 
 def test_ppo_adaptive_kl_coefficient_follows_ziegler_controller():
     module, loader = make("ppo", 1e-2, 16)  # 4 iterations of 16 rollouts
-    module.c.update(kl_target=1e-6, kl_horizon=100, kl_estimator="k3")
+    module.c = dataclasses.replace(module.c, kl_target=1e-6, kl_horizon=100, kl_estimator="k3")
     fit(module, loader, 16)
     # iteration 1: policy == reference, KL exactly 0 -> error clipped to -0.2; then KL > target -> +0.2 each time
     step = 0.2 * 16 / 100

@@ -166,7 +166,7 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     import lightning as L
 
     from llmstages.model import GPTConfig
-    from llmstages.stages.common import StepProgressBar
+    from llmstages.callbacks import StepProgressBar
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torchdata.stateful_dataloader import StatefulDataLoader
 

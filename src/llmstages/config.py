@@ -8,111 +8,120 @@ DVC composes ``params.yaml`` without importing this package, so ``conf/`` must c
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .model import GPTConfig as ModelSchema  # the model section is the architecture itself
+from . import STAGES  # noqa: F401  (part of this module's API)
+from .data.corpus import FORMATS as CORPUS_FORMATS  # data.data.corpus_format
+from .data.datasets import LONG_PROMPT_POLICIES
+from .losses import KL_ESTIMATORS
+from .model import GPTConfig
+from .runtime import check_trainer
+from .tracking import BACKENDS
 
-STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
 #: PPO/GRPO sequence rewards (:func:`llmstages.rollout.sequence_reward_fn`).
 REWARDS = ("model", "exact_match", "model+exact_match", "verifiable_or_model")
 ALGORITHMS = ("ppo", "dpo", "grpo")  # rlhf.algorithm
-CORPUS_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")  # data.data.corpus_format
+VALUE_MODELS = ("reward_model", "policy_head")  # rlhf.ppo.value_model
+DPO_PAIRS = ("offline", "online")  # rlhf.dpo.pairs
 DIRECTIONS = ("minimize", "maximize")  # objective.direction
-# trainer.precision: "auto" (resolve_precision) and the values Lightning's Trainer accepts
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine",
-              "transformer-engine-float16", "32", "16", "bf16", "64")
+
+
+def _every_field_given(cls: type) -> type:
+    """``cls`` (a dataclass of the code, with its own defaults) as a schema whose every field the config must give."""
+    hints = typing.get_type_hints(cls)
+    return make_dataclass(f"{cls.__name__}Schema", [(f.name, hints[f.name], field(default=MISSING)) for f in fields(cls)])
+
+
+ModelSchema = _every_field_given(GPTConfig)  # the model section is the architecture itself (conf/model/)
 
 
 @dataclass
 class OptimSchema:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] = MISSING
+    eps: float = MISSING
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING
+    grad_clip: float = MISSING
 
 
 @dataclass
 class TrainerSchema:
-    accelerator: str = "cpu"
-    devices: Any = 1
-    strategy: str = "auto"
-    num_nodes: int = 1
-    precision: str = "auto"
-    max_steps: int = 1000
-    val_check_interval: int = 200
-    limit_val_batches: int = 10
-    log_every_n_steps: int = 10
-    accumulate_grad_batches: int = 1
-    checkpoint_every_n_steps: int = 100
-    enable_progress_bar: bool = True
-    compile: bool = False  # torch.compile the training forward (pretrain, sft, reward); eager fallback on failure
-    seed: int = 1234
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    strategy: str = MISSING
+    num_nodes: int = MISSING
+    precision: str = MISSING
+    max_steps: int = MISSING
+    val_check_interval: int = MISSING
+    limit_val_batches: int = MISSING
+    log_every_n_steps: int = MISSING
+    accumulate_grad_batches: int = MISSING
+    checkpoint_every_n_steps: int = MISSING
+    enable_progress_bar: bool = MISSING
+    compile: bool = MISSING  # torch.compile the training forward (pretrain, sft, reward); eager fallback on failure
+    seed: int = MISSING
 
 
 @dataclass
 class LoggerSchema:
-    backends: list[str] = field(default_factory=lambda: ["mlflow"])  # any of mlflow, wandb, csv
-    experiment: str = "llmstages"
-    mlflow_tracking_uri: str = "sqlite:///outputs/mlflow.db"
-    mlflow_artifact_location: str = "outputs/mlartifacts"
-    wandb_project: str = "llmstages"
-    wandb_mode: Optional[str] = None  # None: online if WANDB_API_KEY is set, else offline
-    wandb_dir: str = "outputs"
-    csv_dir: str = "outputs/csv"
+    backends: list[str] = MISSING  # any of mlflow, wandb, csv
+    experiment: str = MISSING
+    mlflow_tracking_uri: str = MISSING
+    mlflow_artifact_location: str = MISSING
+    wandb_project: str = MISSING
+    wandb_mode: Optional[str] = MISSING  # None: online if WANDB_API_KEY is set, else offline
+    wandb_dir: str = MISSING
+    csv_dir: str = MISSING
 
 
 @dataclass
 class ProbesSchema:
     """Fixed prompts each training stage answers (greedy) at the end and logs as a table (conf/probes/)."""
 
-    prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 32
+    prompts: list[str] = MISSING
+    max_new_tokens: int = MISSING
 
 
 @dataclass
 class ObjectiveSchema:
     """What a Hydra sweep of the stage optimises: a key of its metrics.json, and whether lower or higher is better."""
 
-    metric: str = "val_loss"
-    direction: str = "minimize"  # minimize | maximize
-
-
-def _objective(metric: str, direction: str) -> Any:
-    return field(default_factory=lambda: ObjectiveSchema(metric, direction))
+    metric: str = MISSING
+    direction: str = MISSING  # minimize | maximize
 
 
 @dataclass
 class TokenizerSchema:
-    path: Optional[str] = None  # a local Hugging Face tokenizer.json or folder; None = train byte-level BPE
-    bos_token: Optional[str] = None  # None: from tokenizer_config.json, else <|bos|> (added)
-    eos_token: Optional[str] = None  # None: from tokenizer_config.json, else a well-known EOS name
-    pad_token: Optional[str] = None  # None: from tokenizer_config.json, else the EOS
+    path: Optional[str] = MISSING  # a local Hugging Face tokenizer.json or folder; None = train byte-level BPE
+    bos_token: Optional[str] = MISSING  # None: from tokenizer_config.json, else <|bos|> (added)
+    eos_token: Optional[str] = MISSING  # None: from tokenizer_config.json, else a well-known EOS name
+    pad_token: Optional[str] = MISSING  # None: from tokenizer_config.json, else the EOS
 
 
 @dataclass
 class RowSetSchema:
     """A user SFT or preference file and how to read it (see llmstages.data.formats)."""
 
-    path: Optional[str] = None  # None = the built-in set
-    format: str = "auto"
-    columns: Optional[dict[str, str]] = None  # canonical field -> the file column name
-    system_prompt: Optional[str] = None
+    path: Optional[str] = MISSING  # None = the built-in set
+    format: str = MISSING
+    columns: Optional[dict[str, str]] = MISSING  # canonical field -> the file column name
+    system_prompt: Optional[str] = MISSING
 
 
 @dataclass
 class DataSourceSchema:
-    corpus: list[str] = field(default_factory=list)  # files, folders or globs; empty = the stdlib corpus
-    corpus_format: str = "auto"  # auto | text | jsonl | parquet | hf
-    text_column: str = "text"
-    hf_split: str = "train"
-    max_corpus_mb: Optional[float] = 8.0  # None = no cap
+    corpus: list[str] = MISSING  # files, folders or globs; empty = the stdlib corpus
+    corpus_format: str = MISSING  # auto | text | jsonl | parquet | hf
+    text_column: str = MISSING
+    hf_split: str = MISSING
+    max_corpus_mb: Optional[float] = MISSING  # None = no cap
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
     sft: RowSetSchema = field(default_factory=RowSetSchema)
     preference: RowSetSchema = field(default_factory=RowSetSchema)
@@ -122,15 +131,15 @@ class DataSourceSchema:
 class DataStageSchema:
     data: DataSourceSchema = field(default_factory=DataSourceSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
-    out_dir: str = "outputs/data"
-    vocab_size: int = 4096
-    tokenizer_sample_mb: float = 64.0
-    val_fraction: float = 0.05
-    arithmetic_max: int = 99
-    heldout_fraction: float = 0.1
-    arithmetic_corpus_passes: int = 8
-    seed: int = 1234
-    objective: ObjectiveSchema = _objective("train_tokens", "maximize")
+    out_dir: str = MISSING
+    vocab_size: int = MISSING
+    tokenizer_sample_mb: float = MISSING
+    val_fraction: float = MISSING
+    arithmetic_max: int = MISSING
+    heldout_fraction: float = MISSING
+    arithmetic_corpus_passes: int = MISSING
+    seed: int = MISSING
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
 @dataclass
@@ -139,101 +148,101 @@ class TrainStageSchema:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     probes: ProbesSchema = field(default_factory=ProbesSchema)
-    data_dir: str = "outputs/data"
-    out_dir: Optional[str] = None  # None: outputs/<stage> in the pipeline, Hydra's run folder for ad-hoc runs
-    batch_size: int = 16
-    num_workers: int = 0
-    objective: ObjectiveSchema = _objective("val_loss", "minimize")
+    data_dir: str = MISSING
+    out_dir: Optional[str] = MISSING  # None: outputs/<stage> in the pipeline, Hydra's run folder for ad-hoc runs
+    batch_size: int = MISSING
+    num_workers: int = MISSING
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
 @dataclass
 class PretrainSchema(TrainStageSchema):
     model: ModelSchema = field(default_factory=ModelSchema)
-    seq_len: int = 256
+    seq_len: int = MISSING
 
 
 @dataclass
 class SFTSchema(TrainStageSchema):
-    init_from: str = "outputs/pretrain"
-    max_len: int = 128
-    long_prompt: str = "truncate_left"  # truncate_left | drop
-    packing: bool = False
-    padding_free: bool = False
-    eval_max_new_tokens: int = 24
-    eval_limit: int = 600
-    objective: ObjectiveSchema = _objective("exact_match", "maximize")
+    init_from: str = MISSING
+    max_len: int = MISSING
+    long_prompt: str = MISSING  # truncate_left | drop
+    packing: bool = MISSING
+    padding_free: bool = MISSING
+    eval_max_new_tokens: int = MISSING
+    eval_limit: int = MISSING
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
 @dataclass
 class RewardSchema(TrainStageSchema):
-    init_from: str = "outputs/sft"
-    max_len: int = 128
-    long_prompt: str = "truncate_left"
-    padding_free: bool = False
-    objective: ObjectiveSchema = _objective("val_accuracy", "maximize")
+    init_from: str = MISSING
+    max_len: int = MISSING
+    long_prompt: str = MISSING
+    padding_free: bool = MISSING
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
 @dataclass
 class RolloutSchema:
     """What PPO, GRPO and online DPO share: how responses are sampled and rewarded."""
 
-    minibatch_size: int = 16
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    reward: str = "model"  # model | exact_match | model+exact_match | verifiable_or_model
-    exact_match_weight: float = 1.0
-    verifiable_tasks: list[str] = field(default_factory=lambda: ["arithmetic"])  # for verifiable_or_model
-    missing_eos_penalty: float = 1.0
+    minibatch_size: int = MISSING
+    max_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    reward: str = MISSING  # model | exact_match | model+exact_match | verifiable_or_model
+    exact_match_weight: float = MISSING
+    verifiable_tasks: list[str] = MISSING  # for verifiable_or_model
+    missing_eos_penalty: float = MISSING
 
 
 @dataclass
 class PPOSchema(RolloutSchema):
-    rollout_batch_size: int = 32
-    clip_range: float = 0.2
-    ppo_epochs: int = 2
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    kl_target: Optional[float] = None  # None: fixed kl_coef; else adaptive (Ziegler et al. 2019)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.1
-    value_model: str = "reward_model"  # reward_model (separate critic initialised from it) | policy_head
-    whiten_advantages: bool = True
-    reward_norm: bool = False
-    reward_clip: float = 0.0  # 0 = off
+    rollout_batch_size: int = MISSING
+    clip_range: float = MISSING
+    ppo_epochs: int = MISSING
+    kl_coef: float = MISSING
+    kl_estimator: str = MISSING
+    kl_target: Optional[float] = MISSING  # None: fixed kl_coef; else adaptive (Ziegler et al. 2019)
+    kl_horizon: int = MISSING
+    gamma: float = MISSING
+    lam: float = MISSING
+    value_clip_range: float = MISSING
+    vf_coef: float = MISSING
+    value_model: str = MISSING  # reward_model (separate critic initialised from it) | policy_head
+    whiten_advantages: bool = MISSING
+    reward_norm: bool = MISSING
+    reward_clip: float = MISSING  # 0 = off
 
 
 @dataclass
 class DPOSchema(RolloutSchema):
-    pairs: str = "offline"  # offline (the data stage's preference pairs) | online (sampled, ranked by the reward)
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    sft_coef: float = 0.0  # RPO: weight of the chosen responses' NLL
-    batch_size: int = 16  # offline: pairs per optimizer step
-    max_len: int = 128
-    long_prompt: str = "truncate_left"
-    prompts_per_step: int = 16  # online: prompts sampled per iteration, one pair each
-    samples_per_prompt: int = 4
-    minibatch_size: int = 4  # online: pairs per optimizer step
-    epochs: int = 1
+    pairs: str = MISSING  # offline (the data stage's preference pairs) | online (sampled, ranked by the reward)
+    beta: float = MISSING
+    label_smoothing: float = MISSING
+    sft_coef: float = MISSING  # RPO: weight of the chosen responses' NLL
+    batch_size: int = MISSING  # offline: pairs per optimizer step
+    max_len: int = MISSING
+    long_prompt: str = MISSING
+    prompts_per_step: int = MISSING  # online: prompts sampled per iteration, one pair each
+    samples_per_prompt: int = MISSING
+    minibatch_size: int = MISSING  # online: pairs per optimizer step
+    epochs: int = MISSING
 
 
 @dataclass
 class GRPOSchema(RolloutSchema):
-    prompts_per_step: int = 8
-    clip_range: float = 0.2
-    group_size: int = 8
-    epochs: int = 1
-    kl_coef: float = 0.04
+    prompts_per_step: int = MISSING
+    clip_range: float = MISSING
+    group_size: int = MISSING
+    epochs: int = MISSING
+    kl_coef: float = MISSING
 
 
 @dataclass
 class RLHFSchema:
-    algorithm: str = "ppo"  # ppo | dpo | grpo: which of the sections below is used
+    algorithm: str = MISSING  # ppo | dpo | grpo: which of the sections below is used
     ppo: PPOSchema = field(default_factory=PPOSchema)
     dpo: DPOSchema = field(default_factory=DPOSchema)
     grpo: GRPOSchema = field(default_factory=GRPOSchema)
@@ -241,34 +250,32 @@ class RLHFSchema:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     probes: ProbesSchema = field(default_factory=ProbesSchema)
-    data_dir: str = "outputs/data"
-    policy_from: str = "outputs/sft"
-    reward_from: str = "outputs/reward"
-    out_dir: Optional[str] = None
-    eval_limit: int = 600
-    eval_max_new_tokens: int = 24
-    num_workers: int = 0
-    balance_tasks: bool = True
-    objective: ObjectiveSchema = _objective("rlhf_reward", "maximize")
+    data_dir: str = MISSING
+    policy_from: str = MISSING
+    reward_from: str = MISSING
+    out_dir: Optional[str] = MISSING
+    eval_limit: int = MISSING
+    eval_max_new_tokens: int = MISSING
+    num_workers: int = MISSING
+    balance_tasks: bool = MISSING
+    objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
-SCHEMAS: dict[str, type] = {
-    "data": DataStageSchema,
-    "pretrain": PretrainSchema,
-    "sft": SFTSchema,
-    "reward": RewardSchema,
-    "rlhf": RLHFSchema,
-}
+SCHEMAS: dict[str, type] = {"data": DataStageSchema, "pretrain": PretrainSchema, "sft": SFTSchema,
+                             "reward": RewardSchema, "rlhf": RLHFSchema}
 
 
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key."""
 
 
-def validate(stage: str, cfg: DictConfig | dict, source: str = "config") -> DictConfig:
+def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_here: bool = False) -> DictConfig:
     """Merge ``cfg`` onto the stage schema: unknown keys and wrong types raise :class:`ConfigError`.
 
-    Hydra's own ``hydra`` node, if present, is ignored. Returns a read-only typed config.
+    Every value comes from the config (the schemas hold types, not defaults: a key without a value raises).
+    Hydra's own ``hydra`` node, if present, is ignored. ``runs_here``: the stage is about to run in this process,
+    so the trainer settings are checked against this machine too (:func:`~llmstages.runtime.check_trainer`).
+    Returns a read-only typed config.
     """
     if stage not in SCHEMAS:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
@@ -281,12 +288,16 @@ def validate(stage: str, cfg: DictConfig | dict, source: str = "config") -> Dict
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends full_key/object_type lines
         raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}") from err
-    _check_values(stage, merged, source)
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:  # the schemas hold no defaults: conf/ gives every value (params.yaml from an older conf/ may not)
+        raise ConfigError(f"{source}: {stage} config has no value for {', '.join(missing)} (every key comes from "
+                          "conf/; recompose params.yaml with: llmstages params)")
+    _check_values(stage, merged, source, runs_here)
     OmegaConf.set_readonly(merged, True)
     return merged
 
 
-def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
+def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> None:
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {stage}.{key}: {msg}")
 
@@ -298,23 +309,10 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         bad("optim.min_lr_ratio", f"must be in [0, 1] (the final learning rate over optim.lr), got "
                                   f"{cfg.optim.min_lr_ratio}")
     if "trainer" in cfg:
-        t = cfg.trainer
-        for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches",
-                    "limit_val_batches"):
-            if t[key] <= 0:
-                bad(f"trainer.{key}", f"must be > 0, got {t[key]}")
-    if "trainer" in cfg:
-        t = cfg.trainer
-        if t.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
-            bad("trainer.accelerator", f"expected auto, cpu, gpu, cuda or mps, got {t.accelerator!r}")
-        if isinstance(t.devices, int) and t.devices < 1 and not (t.devices == -1 and t.accelerator in ("gpu", "cuda")):
-            bad("trainer.devices", f"must be >= 1 (processes, one per device), or -1 for every visible GPU with "
-                                   f"trainer.accelerator=gpu; got {t.devices} with accelerator={t.accelerator}")
-        if t.num_nodes < 1:
-            bad("trainer.num_nodes", f"must be >= 1, got {t.num_nodes}")
-    if "trainer" in cfg and str(cfg.trainer.precision) not in PRECISIONS:
-        bad("trainer.precision", f"unknown value {cfg.trainer.precision!r}; expected auto, 32-true, bf16-mixed, "
-            "16-mixed, bf16-true, 16-true or 64-true (transformer-engine on GPUs with it installed)")
+        offline_dpo = stage == "rlhf" and cfg.algorithm == "dpo" and cfg.dpo.pairs == "offline"
+        manual = f"rlhf.algorithm={cfg.algorithm}" if stage == "rlhf" and not offline_dpo else ""
+        for key, msg in check_trainer(cfg.trainer, runs_here, manual):
+            bad(f"trainer.{key}", msg)
     if cfg.objective.direction not in DIRECTIONS:
         bad("objective.direction", f"expected minimize or maximize, got {cfg.objective.direction!r}")
     if not cfg.objective.metric:
@@ -324,17 +322,13 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             "(to skip the probes, set probes.prompts=[])")
     if "logger" in cfg:
         for b in cfg.logger.backends:
-            if b not in ("mlflow", "wandb", "csv"):
-                bad("logger.backends", f"unknown backend {b!r}; expected mlflow, wandb or csv")
+            if b not in BACKENDS:
+                bad("logger.backends", f"unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
     if stage == "rlhf":
-        positive = [f"ppo.{k}" for k in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                                         "temperature", "top_p")]
-        positive += [f"grpo.{k}" for k in ("prompts_per_step", "minibatch_size", "epochs", "max_new_tokens",
-                                           "temperature", "top_p")]
-        positive += [f"dpo.{k}" for k in ("batch_size", "max_len", "prompts_per_step", "minibatch_size", "epochs",
-                                          "max_new_tokens", "temperature", "top_p")]
-        positive += ["eval_max_new_tokens"]
-        for key in positive:
+        own = {"ppo": "rollout_batch_size ppo_epochs", "grpo": "prompts_per_step epochs",
+               "dpo": "batch_size max_len prompts_per_step epochs"}  # + the sampling keys they share
+        for key in [f"{a}.{k}" for a, keys in own.items() for k in f"{keys} minibatch_size max_new_tokens temperature "
+                    "top_p".split()] + ["eval_max_new_tokens"]:
             if OmegaConf.select(cfg, key) <= 0:
                 bad(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
         for key in ("ppo.kl_coef", "grpo.kl_coef", "eval_limit", "ppo.top_k", "grpo.top_k", "dpo.top_k",
@@ -348,10 +342,10 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
         for algo in ("ppo", "grpo", "dpo"):
             if cfg[algo].reward not in REWARDS:
                 bad(f"{algo}.reward", f"expected one of {', '.join(REWARDS)}, got {cfg[algo].reward!r}")
-        if cfg.ppo.value_model not in ("reward_model", "policy_head"):
-            bad("ppo.value_model", f"expected reward_model or policy_head, got {cfg.ppo.value_model!r}")
-        if cfg.ppo.kl_estimator not in ("k1", "k2", "k3"):
-            bad("ppo.kl_estimator", f"expected k1, k2 or k3, got {cfg.ppo.kl_estimator!r}")
+        if cfg.ppo.value_model not in VALUE_MODELS:
+            bad("ppo.value_model", f"expected one of {', '.join(VALUE_MODELS)}, got {cfg.ppo.value_model!r}")
+        if cfg.ppo.kl_estimator not in KL_ESTIMATORS:
+            bad("ppo.kl_estimator", f"expected one of {', '.join(KL_ESTIMATORS)}, got {cfg.ppo.kl_estimator!r}")
         if cfg.ppo.rollout_batch_size % cfg.ppo.minibatch_size:
             bad("ppo.minibatch_size", "must divide ppo.rollout_batch_size")
         if cfg.ppo.kl_target is not None and cfg.ppo.kl_target <= 0:
@@ -360,8 +354,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             bad("grpo.group_size", f"must be >= 2 (advantages are relative to the group), got {cfg.grpo.group_size}")
         if (cfg.grpo.prompts_per_step * cfg.grpo.group_size) % cfg.grpo.minibatch_size:
             bad("grpo.minibatch_size", "must divide grpo.prompts_per_step * grpo.group_size")
-        if cfg.dpo.pairs not in ("offline", "online"):
-            bad("dpo.pairs", f"expected offline or online, got {cfg.dpo.pairs!r}")
+        if cfg.dpo.pairs not in DPO_PAIRS:
+            bad("dpo.pairs", f"expected one of {', '.join(DPO_PAIRS)}, got {cfg.dpo.pairs!r}")
         if cfg.dpo.samples_per_prompt < 2:
             bad("dpo.samples_per_prompt", f"must be >= 2 (a pair is two of them), got {cfg.dpo.samples_per_prompt}")
         if cfg.dpo.prompts_per_step % cfg.dpo.minibatch_size:
@@ -382,8 +376,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str) -> None:
             bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
     for key in ("long_prompt", "dpo.long_prompt"):
         value = OmegaConf.select(cfg, key)
-        if value is not None and value not in ("truncate_left", "drop"):
-            bad(key, f"expected truncate_left or drop, got {value!r}")
+        if value is not None and value not in LONG_PROMPT_POLICIES:
+            bad(key, f"expected one of {', '.join(LONG_PROMPT_POLICIES)}, got {value!r}")
     if stage == "data":
         from .data.formats import PREFERENCE_FORMATS, SFT_FORMATS
 

@@ -55,6 +55,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
     return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")  # Schulman (2020), "Approximating KL divergence"
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate ``(B, T)`` of KL(policy || reference) from samples of the policy.
 
@@ -72,7 +75,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1
         return 0.5 * log_ratio.pow(2)
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of k1, k2, k3")
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS)}")
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

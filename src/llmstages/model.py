@@ -254,12 +254,8 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), idx, torch.zeros_like(idx)).max(dim=1).values
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices (dim >= 2), none on norms, biases and 1-D params."""
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def freeze(*modules: nn.Module) -> None:
+    """Frozen models (reference, reward model): no gradients, eval mode."""
+    for m in modules:
+        if m is not None:
+            m.requires_grad_(False).eval()

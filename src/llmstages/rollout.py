@@ -1,6 +1,6 @@
-"""What on-policy RL (PPO, GRPO) shares: sampling a batch of responses, per-token log-probabilities of the
-responses under a model, sequence rewards, and a timer that splits a run into generation, scoring and
-optimisation.
+"""What the RL algorithms share: sampling a batch of responses, per-token log-probabilities of the responses
+under a model, sequence rewards, a timer that splits a run into generation, scoring and optimisation, and the
+two records between the rlhf stage and an algorithm (:class:`RLInputs` in, :class:`RLRun` out).
 
 Shapes: ``B`` responses, ``P`` padded prompt length, ``N`` response length, ``T = P + N``.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from torch.utils.data import DataLoader
 
 from .config import REWARDS  # noqa: F401  (the allowed values, defined once with the schema)
+from .data.datasets import PROMPT_FIELDS, PromptDataset, collate_prompts, read_jsonl, task_balanced_sampler
 from .evaluation import full_attention, normalise, reward_scores
 from .generation import generate
 from .losses import token_logprobs
@@ -163,3 +166,63 @@ class PhaseTimer:
         """One line: each phase's seconds and share of the timed total."""
         total = sum(self.seconds.values()) or 1.0
         return ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in self.seconds.items())
+
+
+@dataclass
+class RLInputs:
+    """What every RL algorithm builds from (the rlhf stage fills it): the policy and its frozen reference (both
+    the SFT model at the start), the reward model and its head, the tokenizer, the data stage's folder, and the
+    plain optimizer arguments (:func:`~llmstages.optim.adamw_with_schedule`)."""
+
+    policy: GPT
+    reference: GPT
+    reward_model: GPT
+    reward_head: ScalarHead
+    tok: Any
+    data_dir: Path
+    optim: dict
+    grad_clip: float
+    seed: int
+    balance_tasks: bool = True
+    num_workers: int = 0
+
+    def order(self, tasks: list[str]) -> dict:
+        """DataLoader arguments: task-balanced draws (``balance_tasks``), or a plain shuffle."""
+        return dict(sampler=task_balanced_sampler(tasks, self.seed)) if self.balance_tasks else dict(shuffle=True)
+
+    def reward(self, s) -> RewardFn:
+        """The sequence reward that settings ``s`` (``reward``, ``exact_match_weight``, ``verifiable_tasks``) name."""
+        return sequence_reward_fn(s.reward, self.tok, self.reward_model, self.reward_head, s.exact_match_weight,
+                                  tuple(s.verifiable_tasks))
+
+    def reward_modules(self, s) -> tuple[torch.nn.Module, ...]:
+        """The modules the reward of ``s`` runs (frozen, moved to the device with the LightningModule)."""
+        return (self.reward_model, self.reward_head) if "model" in s.reward else ()
+
+    def prompts(self, s, per_iteration: int, name: str) -> DataLoader:
+        """The training prompts (``prompts_train.jsonl``) in batches of ``per_iteration``, each cut to leave room
+        for ``s.max_new_tokens`` in the policy's context.
+
+        Raises:
+            ValueError: when ``max_new_tokens`` leaves fewer than 4 prompt tokens (``rlhf.<name>.max_new_tokens``).
+        """
+        max_prompt = self.policy.cfg.max_seq_len - s.max_new_tokens
+        if max_prompt < 4:
+            raise ValueError(f"rlhf.{name}.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in the "
+                             f"policy's context of {self.policy.cfg.max_seq_len} tokens")
+        prompts = PromptDataset(read_jsonl(self.data_dir / "prompts_train.jsonl", PROMPT_FIELDS), self.tok, max_prompt)
+        return DataLoader(prompts, batch_size=per_iteration, drop_last=True, collate_fn=collate_prompts,
+                          **self.order([p["task"] for p in prompts.items]))
+
+
+@dataclass
+class RLRun:
+    """What an algorithm's ``build`` gives the rlhf stage: the LightningModule and its loaders, the head saved with
+    the policy (PPO's value head when it lives on the policy), and the algorithm's own final metrics, computed
+    after training from the Trainer (all processes call it)."""
+
+    module: Any  # a LightningModule with a ``policy`` and a ``timer`` (PhaseTimer)
+    train_dl: DataLoader
+    val_dl: DataLoader | None = None
+    saved_head: ScalarHead | None = None
+    final_metrics: Callable[[Any], dict] = field(default=lambda trainer: {})

@@ -169,6 +169,9 @@ def _runs_with_outputs(tracking_uri: str, digests: set[str]) -> dict[str, str]:
         return {}
 
 
+BACKENDS = ("mlflow", "wandb", "csv")  # logger.backends
+
+
 def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[str, str], experiment: str,
                  mlflow_tracking_uri: str, mlflow_artifact_location: str, wandb_project: str,
                  wandb_mode: str | None, wandb_dir: str, csv_dir: str, parent: tuple[str, str] | None = None,
@@ -280,6 +283,38 @@ def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path])
             lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")
     end_parent_runs(loggers, "FINISHED")
+
+
+def log_lineage(loggers: list, tags: dict[str, str]) -> None:
+    """The run's lineage tags where a backend has no run tags: W&B config keys ``lineage/<tag>`` (MLflow runs
+    already carry them as tags, from :func:`make_loggers`)."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.config.update({f"lineage/{k}": v for k, v in tags.items()}, allow_val_change=True)
+
+
+def tag_output(loggers: list, output_md5: str) -> None:
+    """Record the combined MD5 of the stage output (what a downstream stage finds as its input,
+    :func:`lineage_tags`): MLflow tag ``output_md5``, W&B config key ``lineage/output_md5``."""
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            lg.experiment.set_tag(lg.run_id, "output_md5", output_md5)
+        elif type(lg).__name__ == "WandbLogger":
+            lg.experiment.config.update({"lineage/output_md5": output_md5}, allow_val_change=True)
+
+
+def log_table(loggers: list, name: str, rows: list[dict]) -> None:
+    """Log ``rows`` (dicts with the same keys) as a table: MLflow artifact ``<name>.json`` (comparable across runs
+    in the UI's artifact view), W&B table ``<name>``; the CSV backend has no tables. No rows: nothing logged."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            lg.experiment.log_table(lg.run_id, data={c: [r[c] for r in rows] for c in cols},
+                                    artifact_file=f"{name}.json")
+        elif type(lg).__name__ == "WandbLogger":
+            lg.log_table(key=name, columns=cols, data=[[r[c] for c in cols] for r in rows])
 
 
 def curve_logger(work_dir: str | Path, out_dir: str | Path, resume: bool):

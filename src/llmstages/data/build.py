@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from llmstages.checkpoint import write_json
-from llmstages.data.corpus import Piece, corpus_bytes, is_val_doc, iter_corpus, token_dtype, write_token_files
+from llmstages.data.corpus import Piece, corpus_bytes, iter_corpus
+from llmstages.data.tokens import is_val_doc, token_dtype, write_token_files
 from llmstages.data.formats import load_preferences, load_sft
-from llmstages.data.jsonio import iter_jsonl, require_fields
+from llmstages.data.jsonio import read_jsonl  # noqa: F401  (part of the data stage's API)
 from llmstages.data.tasks import (ARITHMETIC_LINES_PER_DOC, EXPLAIN_SFT_SIMPLE, EXPLAIN_SFT_TECHNICAL, SMALL_SUM_COPIES, arith_rejects, arithmetic_documents, arithmetic_qa,
                                   docstring_qa, explain_rows, is_small_sum)
 from llmstages.tokenizer import load_tokenizer, train_tokenizer
@@ -142,31 +143,6 @@ def _default_tasks(arithmetic_max: int, seed: int, fraction: float) -> dict[str,
                  for r in ex]
         out[f"pref_{split}"] = pref
     return out
-
-
-# --------------------------------------------------------------------------- user JSONL
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Read and validate a JSONL file of objects with string ``fields`` (optional string "task").
-
-    Returns rows reduced to ``fields`` + ``task`` (default ``"user"``); blank lines are skipped.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: naming ``path:lineno`` for bytes that are not UTF-8 or invalid JSON (chained from the
-            decoding error), a non-object row, a missing field (listing the fields found) or a non-string
-            field; naming ``path`` for an empty file.
-    """
-    rows = []
-    for where, row in iter_jsonl(path):
-        require_fields(where, row, fields)
-        row.setdefault("task", "user")
-        for f in (*fields, "task"):
-            if not isinstance(row[f], str):
-                raise ValueError(f"{where}: field {f!r} must be a string, got {type(row[f]).__name__}")
-        rows.append({f: row[f] for f in (*fields, "task")})
-    if not rows:
-        raise ValueError(f"{path}: empty file, expected JSONL rows with fields {list(fields)}")
-    return rows
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

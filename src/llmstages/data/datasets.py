@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler
 
-from .build import read_jsonl  # noqa: F401  (re-exported for the stages)
+from .jsonio import read_jsonl  # noqa: F401  (re-exported for the stages)
 
 PROMPT_FIELDS = ("prompt", "answer")
 LONG_PROMPT_POLICIES = ("truncate_left", "drop")

@@ -85,3 +85,27 @@ def require_fields(where: str, row: dict, fields: tuple[str, ...] | list[str]) -
     missing = [f for f in fields if f not in row]
     if missing:
         raise ValueError(f"{where}: missing field {missing[0]!r} (required {list(fields)}, found {sorted(row)})")
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Read and validate a JSONL file of objects with string ``fields`` (optional string "task").
+
+    Returns rows reduced to ``fields`` + ``task`` (default ``"user"``); blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming ``path:lineno`` for bytes that are not UTF-8 or invalid JSON (chained from the
+            decoding error), a non-object row, a missing field (listing the fields found) or a non-string
+            field; naming ``path`` for an empty file.
+    """
+    rows = []
+    for where, row in iter_jsonl(path):
+        require_fields(where, row, fields)
+        row.setdefault("task", "user")
+        for f in (*fields, "task"):
+            if not isinstance(row[f], str):
+                raise ValueError(f"{where}: field {f!r} must be a string, got {type(row[f]).__name__}")
+        rows.append({f: row[f] for f in (*fields, "task")})
+    if not rows:
+        raise ValueError(f"{path}: empty file, expected JSONL rows with fields {list(fields)}")
+    return rows

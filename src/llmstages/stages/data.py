@@ -7,7 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.build import build_data
-from .common import Stage
+from .stage import Stage
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:

@@ -13,16 +13,17 @@ import lightning as L
 import torch
 
 from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
-from ..model import GPT, param_groups
-from ..rollout import (PhaseTimer, RewardFn, outside_inference, penalised_rewards, response_logprobs, rollout_stats,
-                       sample)
-from .common import adamw_with_schedule, freeze, manual_step
+from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, outside_inference, penalised_rewards, response_logprobs,
+                       rollout_stats, sample)
+from ..config import GRPOSchema
+from ..model import GPT, freeze
+from ..optim import adamw_with_schedule, manual_step, param_groups
 
 
 class GRPOModule(L.LightningModule):
     """One training step = one GRPO iteration over ``len(batch)`` prompts x ``group_size`` samples."""
 
-    def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, grpo: dict, grad_clip: float,
+    def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, grpo: GRPOSchema, grad_clip: float,
                  reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int) -> None:
         super().__init__()
         self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
@@ -36,16 +37,16 @@ class GRPOModule(L.LightningModule):
     @torch.no_grad()
     def rollout(self, batch: list[dict]) -> dict:
         """``group_size`` samples per prompt (groups consecutive), their rewards ``(B*G,)`` and advantages."""
-        c, G = self.c, self.c["group_size"]
+        c, G = self.c, self.c.group_size
         prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
         rows = [b for b in batch for _ in range(G)]
         with self.timer("generation"):
-            r = sample(self.policy, prompts, c["max_new_tokens"], self.eos_id, self.pad_id, c["temperature"],
-                       c["top_k"], c["top_p"])
+            r = sample(self.policy, prompts, c.max_new_tokens, self.eos_id, self.pad_id, c.temperature,
+                       c.top_k, c.top_p)
         with self.timer("scoring"), torch.inference_mode():
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)
-            score = penalised_rewards(self.reward_fn, r, rows, c["missing_eos_penalty"])
+            score = penalised_rewards(self.reward_fn, r, rows, c.missing_eos_penalty)
             adv = group_advantages(score, G)
             entropy = masked_mean(token_entropy(logits), r.mask)
         scored = dict(logp=logp, ref_logp=ref_logp, score=score, adv=adv, entropy=entropy)
@@ -57,16 +58,16 @@ class GRPOModule(L.LightningModule):
         r, stats = ro["r"], []
         n = r.tokens.shape[0]
         with self.timer("optimisation"):
-            for _ in range(c["epochs"]):
-                for idx in torch.randperm(n).split(c["minibatch_size"]):
+            for _ in range(c.epochs):
+                for idx in torch.randperm(n).split(c.minibatch_size):
                     mb = r.rows(idx)
                     logp, _ = response_logprobs(self.policy, mb)
                     loss, clipfrac, kl = grpo_loss(logp, ro["logp"][idx], ro["ref_logp"][idx], ro["adv"][idx], mb.mask,
-                                                   c["clip_range"], c["kl_coef"])
+                                                   c.clip_range, c.kl_coef)
                     manual_step(self, loss, self.grad_clip)
                     stats.append(torch.stack([loss.detach(), clipfrac, kl]))
         loss, cf, kl = torch.stack(stats).mean(0)
-        solved = (ro["score"].view(-1, c["group_size"]).std(1) == 0).float().mean()
+        solved = (ro["score"].view(-1, c.group_size).std(1) == 0).float().mean()
         self.log_dict({"train/reward": ro["score"].mean(), "train/kl_per_token": kl, "train/loss": loss, "train/clipfrac": cf,
                        "train/entropy": ro["entropy"], "train/zero_advantage_groups": solved,
                        **rollout_stats(r, self.timer)}, batch_size=n)
@@ -74,3 +75,10 @@ class GRPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         return adamw_with_schedule(param_groups(self.policy, self.optim["weight_decay"]), **self.optim)
+
+
+def build(s: GRPOSchema, x: RLInputs) -> RLRun:
+    """GRPO on batches of ``s.prompts_per_step`` training prompts, ``s.group_size`` samples each."""
+    module = GRPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
+                        eos_id=x.tok.eos_id, pad_id=x.tok.pad_id)
+    return RLRun(module, x.prompts(s, s.prompts_per_step, "grpo"))

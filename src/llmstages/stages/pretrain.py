@@ -20,14 +20,17 @@ from ..checkpoint import save_output
 from ..data.datasets import TokenWindows
 from ..evaluation import probe_answers
 from ..losses import next_token_loss
-from ..model import GPT, GPTConfig, param_groups
 from ..tokenizer import load_tokenizer
-from .common import CompiledCall, Stage, adamw_with_schedule, is_log_step, optim_kwargs, seed_everything
+from ..callbacks import is_log_step
+from ..model import GPT, GPTConfig
+from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..runtime import CompiledCall, seed_everything
+from .stage import Stage
 
 
 class PretrainModule(L.LightningModule):
     """Causal LM trained with next-token loss; ``bytes_per_token`` converts nats/token to bits/byte; ``compile``
-    runs the training forward through ``torch.compile`` (see :class:`~llmstages.stages.common.CompiledCall`)."""
+    runs the training forward through ``torch.compile`` (see :class:`~llmstages.runtime.CompiledCall`)."""
 
     def __init__(self, model_cfg: GPTConfig, optim: dict, bytes_per_token: float, tokens_per_step: int,
                  compile: bool = False) -> None:

@@ -20,10 +20,12 @@ from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padd
 from ..data.formats import read_canonical
 from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
-from ..model import GPT, ScalarHead, last_token_index, param_groups
 from ..tokenizer import load_tokenizer
-from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, log_encoding,
-                     optim_kwargs, seed_everything)
+from ..callbacks import is_log_step
+from ..model import GPT, ScalarHead, last_token_index
+from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..runtime import CompiledCall, seed_everything
+from .stage import Stage, encoding_metrics, log_encoding
 
 
 class RewardModule(L.LightningModule):

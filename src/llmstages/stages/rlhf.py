@@ -10,29 +10,25 @@ scoring and optimisation, in the log, the trackers (``time/*``) and ``metrics.js
 
 from __future__ import annotations
 
-import copy
 import logging
-from functools import partial
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import (PROMPT_FIELDS, PreferenceDataset, PromptDataset, collate_pairs, collate_prompts, read_jsonl,
-                             task_balanced_sampler)
-from ..data.formats import read_canonical
+from ..data.datasets import PROMPT_FIELDS, read_jsonl
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy, probe_answers,
                           probe_rewards, reward_scores, task_balanced, win_rate)
 from ..losses import kl_estimate
 from ..model import GPT, ScalarHead
-from ..rollout import response_logprobs, sample, sequence_reward_fn
+from ..optim import optim_kwargs
+from ..rollout import RLInputs, RLRun, response_logprobs, sample
+from ..runtime import is_rank_zero, seed_everything
 from ..tokenizer import load_tokenizer
-from .common import Stage, is_rank_zero, log_encoding, optim_kwargs, seed_everything
-from .dpo import DPOModule, OnlineDPOModule
-from .grpo import GRPOModule
-from .ppo import PPOModule
+from . import dpo, grpo, ppo
+from .stage import Stage
 
 log = logging.getLogger("llmstages")
 
@@ -59,48 +55,17 @@ def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, ro
     return metrics, scores, texts
 
 
-def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
-          data_dir: Path):
-    """The LightningModule of ``cfg.algorithm`` with its training data loader and, for DPO, the held-out pairs'
-    loader (``None`` otherwise)."""
-    algo, optim, clip = cfg.algorithm, optim_kwargs(cfg), cfg.optim.grad_clip
+ALGORITHMS = {"ppo": ppo.build, "dpo": dpo.build, "grpo": grpo.build}
+"""``rlhf.algorithm`` -> its ``build(settings, inputs) -> RLRun``; the settings are the typed section of the same
+name (``rlhf.ppo``: :class:`~llmstages.config.PPOSchema`, ...)."""
 
-    def order(tasks: list[str]) -> dict:  # DataLoader arguments: task-balanced draws, or a plain shuffle
-        return dict(sampler=task_balanced_sampler(tasks, cfg.trainer.seed)) if cfg.balance_tasks else dict(shuffle=True)
-    c = dict(cfg[algo])
-    val_dl = None
-    if algo == "dpo":  # the held-out pairs: implicit-reward accuracy and margin, offline and online
-        pairs = {}
-        for split in ("train", "val") if c["pairs"] == "offline" else ("val",):
-            path = data_dir / f"pref_{split}.jsonl"
-            pairs[split] = PreferenceDataset(read_canonical(path, "preference"), tok, c["max_len"], c["long_prompt"],
-                                             str(path))
-        log_encoding("dpo", **{k: d.stats for k, d in pairs.items()})
-        kw = dict(batch_size=c["batch_size"], collate_fn=partial(collate_pairs, pad_id=tok.pad_id),
-                  num_workers=cfg.num_workers)
-        val_dl = DataLoader(pairs["val"], **kw)
-        if c["pairs"] == "offline":
-            train = DataLoader(pairs["train"], drop_last=True, **order(pairs["train"].tasks), **kw)
-            return DPOModule(policy, reference, optim, c, clip), train, val_dl
-    max_prompt = policy.cfg.max_seq_len - c["max_new_tokens"]
-    if max_prompt < 4:
-        raise ValueError(f"rlhf.{algo}.max_new_tokens={c['max_new_tokens']} leaves no room for a prompt in the "
-                         f"policy's context of {policy.cfg.max_seq_len} tokens")
-    prompts = PromptDataset(read_jsonl(data_dir / "prompts_train.jsonl", PROMPT_FIELDS), tok, max_prompt)
-    reward_fn = sequence_reward_fn(c["reward"], tok, reward_model, reward_head, c["exact_match_weight"],
-                                   tuple(c["verifiable_tasks"]))
-    module_cls = {"ppo": PPOModule, "grpo": GRPOModule, "dpo": OnlineDPOModule}[algo]
-    n = c["rollout_batch_size"] if algo == "ppo" else c["prompts_per_step"]  # prompts per iteration
-    loader = DataLoader(prompts, batch_size=n, drop_last=True, collate_fn=collate_prompts,
-                        **order([p["task"] for p in prompts.items]))
-    frozen = (reward_model, reward_head) if "model" in c["reward"] else ()
-    critic = {}
-    if algo == "ppo" and c["value_model"] == "reward_model":  # a separate critic initialised from the RM
-        critic = dict(critic=copy.deepcopy(reward_model).requires_grad_(True).train(),
-                      critic_head=copy.deepcopy(reward_head).requires_grad_(True).train())
-    module = module_cls(policy, reference, reward_fn, optim, c, clip, frozen, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                        **critic)
-    return module, loader, val_dl
+
+def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
+          data_dir: Path) -> RLRun:
+    """The LightningModule of ``cfg.algorithm`` with its loaders (:class:`~llmstages.rollout.RLRun`)."""
+    inputs = RLInputs(policy, reference, reward_model, reward_head, tok, data_dir, optim_kwargs(cfg),
+                      cfg.optim.grad_clip, cfg.trainer.seed, cfg.balance_tasks, cfg.num_workers)
+    return ALGORITHMS[cfg.algorithm](OmegaConf.to_object(cfg[cfg.algorithm]), inputs)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -113,7 +78,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     reference, _, _ = load_output(sft_dir)
     reward_model, reward_head, _ = load_output(rm_dir, with_head=True)
     tok = load_tokenizer(sft_dir)
-    module, train_dl, val_dl = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
+    algo = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
+    module = algo.module
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     max_new = cfg.eval_max_new_tokens
     pairs, pair_tasks = heldout_pairs(data_dir / "pref_val.jsonl", tok, policy.cfg.max_seq_len)
@@ -122,15 +88,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                                                     pair_tasks)
 
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])
-    trainer = stage.trainer(gradient_clip_val=None, **({} if val_dl else {"limit_val_batches": 0}))
-    resumed = stage.fit(trainer, module, train_dl, val_dl)
+    manual = {} if module.automatic_optimization else {"gradient_clip_val": None}  # the module clips itself
+    trainer = stage.trainer(**manual, **({} if algo.val_dl else {"limit_val_batches": 0}))
+    resumed = stage.fit(trainer, module, algo.train_dl, algo.val_dl)
     if trainer.is_global_zero:
         log.info("rlhf (%s) time: %s", cfg.algorithm, module.timer.summary())
-    extra = {}
-    if val_dl is not None:  # DPO: implicit-reward accuracy and margin over all held-out pairs
-        trainer.limit_val_batches = 1.0
-        final = trainer.validate(module, val_dl, verbose=False)[0]
-        extra = {"dpo_val_accuracy": final["val/accuracy"], "dpo_val_reward_margin": final["val/reward_margin"]}
+    extra = algo.final_metrics(trainer)
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
     rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new, pairs, pair_tasks)
@@ -151,6 +114,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     probes = list(cfg.probes.prompts)
     probe_texts, probe_gen = probe_answers(policy, tok, probes, cfg.probes.max_new_tokens, chat=True)
     stage.log_probes(probes, probe_texts, probe_rewards(reward_model, reward_head, probe_gen))
-    head = module.value_head if isinstance(module, PPOModule) and module.critic is None else None  # on the policy
-    save_output(out_dir, policy, tok, stage.meta(metrics=metrics), head=head)
+    save_output(out_dir, policy, tok, stage.meta(metrics=metrics), head=algo.saved_head)
     return stage.finish(metrics, artifacts=[samples])

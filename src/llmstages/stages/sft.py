@@ -22,10 +22,12 @@ from ..data.formats import read_canonical
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
                           probe_answers)
 from ..losses import next_token_loss
-from ..model import GPT, param_groups
 from ..tokenizer import load_tokenizer
-from .common import (CompiledCall, Stage, adamw_with_schedule, encoding_metrics, is_log_step, is_rank_zero,
-                     log_encoding, optim_kwargs, seed_everything)
+from ..callbacks import is_log_step
+from ..model import GPT
+from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..runtime import CompiledCall, is_rank_zero, seed_everything
+from .stage import Stage, encoding_metrics, log_encoding
 
 
 class SFTModule(L.LightningModule):

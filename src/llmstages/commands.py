@@ -1,0 +1,118 @@
+"""The commands of ``llmstages`` besides the stages and ``params``: ``generate`` (answer prompts with stage
+outputs, side by side) and ``compare`` (tracked runs side by side). Argument parsing only; the work is in
+:mod:`llmstages.generation` and :mod:`llmstages.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import STAGES
+
+
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse ``type``: ``kind(text)`` within ``[low, high]`` (``(low, high]`` if ``low_open``), else a
+    usage error naming the value and the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            span = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {span}")
+        return value
+    return parse
+
+
+def generate_cmd(argv: list[str]) -> int:
+    """``llmstages generate``: a table of each stage output's answer to each prompt (exit status 0)."""
+    parser = argparse.ArgumentParser(
+        prog="llmstages generate", description="Answer a prompt with each given stage output, side by side.")
+    parser.add_argument("prompt", nargs="+", help="prompt text(s)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="stage output folder (repeatable); default: every one of outputs/{pretrain,sft,rlhf}")
+    parser.add_argument("--max-new-tokens", type=_number(int, 1), default=48, help="at least 1 (default: %(default)s)")
+    parser.add_argument("--temperature", type=_number(float, 0), default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_number(int, 0), default=0, help="0 = off (default)")
+    parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=1.0,
+                        help="nucleus mass in (0, 1]; 1 = off (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    models = args.model or [f"outputs/{s}" for s in ("pretrain", "sft", "rlhf") if Path(f"outputs/{s}").is_dir()]
+    if not models:
+        sys.exit("llmstages generate: no stage output found under outputs/; run `dvc repro` or pass --model DIR")
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from .checkpoint import load_output
+    from .generation import generate
+    from .tokenizer import load_tokenizer
+
+    table = Table(title="llmstages generate", show_lines=True)
+    table.add_column("model")
+    table.add_column("prompt")
+    table.add_column("response")
+    for path in models:
+        try:
+            model, _, _ = load_output(path)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"llmstages generate: {err}")
+        tok = load_tokenizer(path)
+        gen = torch.Generator().manual_seed(args.seed)
+        g = generate(model, [tok.encode_prompt(p) for p in args.prompt], args.max_new_tokens, tok.eos_id, tok.pad_id,
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
+        for p, r in zip(args.prompt, g.responses):
+            table.add_row(str(path), p, tok.decode(r.tolist()))
+    Console().print(table)
+    return 0
+
+
+def compare_cmd(argv: list[str]) -> int:
+    """``llmstages compare``: tracked runs side by side (:func:`llmstages.compare.compare`)."""
+    parser = argparse.ArgumentParser(
+        prog="llmstages compare", description="Compare tracked stage runs: one row per run with the params that "
+        "differ between them and their final metrics; optionally plot metric curves.")
+    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db",
+                        help="MLflow store (default: %(default)s)")
+    parser.add_argument("--stage", choices=STAGES, help="only runs of this stage")
+    parser.add_argument("--experiment", action="append", metavar="NAME",
+                        help="MLflow experiment name (repeatable; default: all)")
+    parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="only runs with this tag (repeatable)")
+    status = parser.add_mutually_exclusive_group()
+    status.add_argument("--status", default="FINISHED", type=str.upper,
+                        choices=("FINISHED", "FAILED", "RUNNING", "KILLED", "SCHEDULED"), help="default: FINISHED")
+    status.add_argument("--all-status", action="store_true", help="runs of any status (failed, running, ...)")
+    parser.add_argument("--last", type=int, metavar="N", help="only the N most recent runs (after filtering)")
+    parser.add_argument("--metric", action="append", metavar="NAME",
+                        help="metric column, final value (repeatable; 'all': every final metric; default: per stage, "
+                        "e.g. pretrain val_loss, sft exact_match_arithmetic)")
+    parser.add_argument("--lineage", action="store_true", help="add the columns that trace each row to its code and "
+                        "data: git commit and dirty flag, DVC experiment, sweep, inputs MD5, upstream run id")
+    parser.add_argument("--format", choices=("rich", "markdown", "csv"), default="rich")
+    parser.add_argument("-o", "--output", metavar="FILE", help="write the table to FILE instead of stdout")
+    parser.add_argument("--plot", action="append", metavar="METRIC", help="plot this metric's history per run "
+                        "(repeatable, e.g. train/loss)")
+    parser.add_argument("--plot-file", default="compare.png", help="PNG for --plot (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for flag, path in (("--output", args.output), ("--plot-file", args.plot and args.plot_file)):
+        if path and (Path(path).is_dir() or not Path(path).resolve().parent.is_dir()):
+            sys.exit(f"llmstages compare: {flag} {path}: not a file in an existing folder")
+    from .compare import CompareError, compare
+
+    try:
+        compare(tracking_uri=args.tracking_uri, stage=args.stage, experiments=args.experiment, tags=args.tag,
+                status=None if args.all_status else args.status, last=args.last, metrics=args.metric,
+                fmt=args.format, output=args.output, plots=args.plot, plot_file=args.plot_file,
+                lineage=args.lineage)
+    except CompareError as err:
+        sys.exit(f"llmstages compare: {err}")
+    except Exception as err:  # the store's own errors (MLflow, SQLAlchemy): one line unless LLMSTAGES_DEBUG
+        if os.environ.get("LLMSTAGES_DEBUG"):
+            raise
+        sys.exit(f"llmstages compare: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return 0
