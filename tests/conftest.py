@@ -10,22 +10,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# Per-stage overrides that make each stage run in seconds on the tiny model (mirrors conf/experiment/tiny.yaml).
-FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=2", "trainer.checkpoint_every_n_steps=10",
-        "trainer.precision=32-true"]
+# Per-stage overrides that make each stage run in seconds on the tiny model: the tiny experiment preset
+# (conf/experiment_stage/<stage>/tiny.yaml, as `llmstages <stage> experiment=tiny`) and a few test settings.
+FAST = ["trainer.enable_progress_bar=false", "trainer.precision=32-true", "probes.max_new_tokens=32"]
 TINY = {
-    "data": ["data.max_corpus_mb=0.3", "vocab_size=512", "arithmetic_max=5"],
-    "pretrain": ["model=tiny", "batch_size=8", "seq_len=64", "trainer.max_steps=40", "trainer.val_check_interval=20",
-                 "optim.lr=3e-3", "optim.warmup_steps=5", *FAST],
-    "sft": ["batch_size=16", "max_len=64", "eval_limit=16", "eval_max_new_tokens=8", "trainer.max_steps=20",
-            "trainer.val_check_interval=10", "optim.warmup_steps=2", *FAST],
-    "reward": ["batch_size=16", "max_len=64", "trainer.max_steps=20", "trainer.val_check_interval=10",
-               "optim.warmup_steps=2", *FAST],
-    "rlhf": ["eval_limit=16", "eval_max_new_tokens=8", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4",
-             "ppo.max_new_tokens=8", "grpo.prompts_per_step=2", "grpo.group_size=4", "grpo.minibatch_size=4",
-             "grpo.max_new_tokens=8", "dpo.batch_size=8", "dpo.max_len=64", "dpo.prompts_per_step=4", "dpo.minibatch_size=2",
-             "dpo.max_new_tokens=8", "trainer.max_steps=8",
-             "optim.warmup_steps=1", *FAST],
+    "data": ["experiment=tiny", "data.max_corpus_mb=0.3"],
+    "pretrain": ["experiment=tiny", "trainer.max_steps=40", "trainer.val_check_interval=20", *FAST],
+    "sft": ["experiment=tiny", *FAST],
+    "reward": ["experiment=tiny", *FAST],
+    "rlhf": ["experiment=tiny", "trainer.checkpoint_every_n_steps=10", "trainer.log_every_n_steps=10",
+             "trainer.limit_val_batches=2", *FAST],
 }
 
 
@@ -34,8 +28,11 @@ def compose(stage: str, overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from llmstages.cli import experiment_override
+
     with initialize_config_dir(str(CONF), version_base=None):
-        return hydra_compose(config_name=f"entry/{stage}", overrides=overrides or [])
+        return hydra_compose(config_name=f"entry/{stage}",
+                             overrides=[experiment_override(stage, o) for o in overrides or []])
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,7 @@ def compositions(path: Path) -> list[tuple[str, list[str]]]:
         "entry": [(name, [])],
         "stage": [("pipeline", [])],  # each is one section of params.yaml
         "experiment": [("pipeline", [f"+experiment={name}"])],
+        **{f"experiment_stage/{s}": [(s, [f"experiment={name}"])] for s in STAGES},
         "hparams_search": [(name.split("_")[0], [f"hparams_search={name}"])],
         "rlhf_algorithm": [("rlhf", [f"algorithm={name}"])],
         "model": [("pretrain", [f"model={name}"])],
@@ -88,6 +89,15 @@ def test_schemas_hold_types_not_defaults():
         cfg = OmegaConf.to_container(compose("sft"))
         del cfg["optim"]["lr"]  # e.g. a params.yaml composed before the key existed
         validate("sft", cfg)
+
+
+def test_an_experiment_preset_gives_a_single_stage_the_same_section_as_the_pipeline(tmp_path):
+    """`llmstages <stage> experiment=tiny` runs with exactly the section that `+experiment=tiny` puts in params.yaml."""
+    params = yaml.safe_load(compose_params(["+experiment=tiny"], tmp_path / "params.yaml").read_text())
+    for stage in STAGES:
+        alone = OmegaConf.to_container(compose(stage, ["experiment=tiny"]), resolve=True)
+        assert alone == params[stage], stage
+    assert params["pretrain"]["model"]["d_model"] == 32 and params["sft"]["trainer"]["max_steps"] == 20
 
 
 def test_model_presets_sizes():

@@ -27,6 +27,7 @@ stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to prin
   Sweeps: -m optim.lr=1e-4,3e-4,1e-3 (basic), or hparams_search=pretrain_optuna|sft_optuna|reward_optuna (Optuna);
   each job in outputs/multirun/<stage>/<time>_<id>/<job>/, with summary.md/.csv of the objective (objective.metric).
   Keys may carry the stage's section as in params.yaml: `llmstages rlhf rlhf.algorithm=grpo` = `algorithm=grpo`.
+  experiment=<name> runs the stage with its part of a pipeline preset: `llmstages sft experiment=tiny`.
   A stage given --params FILE (as dvc.yaml does) trains with FILE's section for that stage instead of
   composing conf/, and writes to outputs/<stage>/.
 
@@ -216,6 +217,15 @@ def strip_stage_prefix(stage: str, arg: str) -> str:
     return sign + inner
 
 
+def experiment_override(stage: str, arg: str) -> str:
+    """``experiment=NAME`` (or ``+experiment=NAME``, as for the pipeline) -> ``experiment_stage/<stage>@_global_=NAME``
+    for ``llmstages <stage>``: a single stage takes its own part of an experiment preset
+    (``conf/experiment_stage/<stage>/NAME.yaml``; ``conf/experiment/NAME.yaml`` gathers the parts for the
+    pipeline). Any other override is returned unchanged."""
+    key, sep, value = arg.lstrip("+").partition("=")
+    return f"experiment_stage/{stage}@_global_={value}" if sep and key == "experiment" else arg
+
+
 def _hydra_mode(stage: str, argv: list[str]) -> int:
     """Run ``stage`` as a Hydra app composing ``conf/entry/<stage>.yaml``; the app returns the objective.
 
@@ -276,7 +286,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
             return None
         return float(value)
 
-    sys.argv = [f"llmstages {stage}", *map(lambda a: strip_stage_prefix(stage, a), argv)]
+    sys.argv = [f"llmstages {stage}", *(experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv)]
     app()
     return 0
 
