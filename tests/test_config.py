@@ -98,6 +98,10 @@ def test_an_experiment_preset_gives_a_single_stage_the_same_section_as_the_pipel
         alone = OmegaConf.to_container(compose(stage, ["experiment=tiny"]), resolve=True)
         assert alone == params[stage], stage
     assert params["pretrain"]["model"]["d_model"] == 32 and params["sft"]["trainer"]["max_steps"] == 20
+    # A group chosen on the command line beats the preset's choice, in either order (found by a fresh-user check).
+    small = compose("pretrain").model.d_model
+    assert compose("pretrain", ["experiment=tiny", "model=small"]).model.d_model == small
+    assert compose("pretrain", ["model=small", "experiment=tiny"]).model.d_model == small
 
 
 def test_model_presets_sizes():
