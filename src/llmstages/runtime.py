@@ -67,9 +67,12 @@ def check_trainer(t, runs_here: bool, manual_optimization: str = "") -> list[tup
             StrategyRegistry[t.strategy]["init_params"].get("start_method") in ("spawn", "fork"):
         problems.append(("strategy", f"{t.strategy!r} starts its processes by spawn or fork, which is not supported; "
                                      "use trainer.strategy=ddp (Lightning reruns the command for each process)"))
-    devices = len(t.devices) if not isinstance(t.devices, (int, str)) else \
-        t.devices if isinstance(t.devices, int) and t.devices > 0 else \
-        (torch.cuda.device_count() if gpu and str(t.devices) in ("-1", "auto") else 1)
+    if isinstance(t.devices, int) and t.devices > 0:
+        devices = t.devices
+    elif not isinstance(t.devices, (int, str)):  # a list of device ids
+        devices = len(t.devices)
+    else:  # -1 or "auto": every visible GPU, or one CPU process
+        devices = torch.cuda.device_count() if gpu else 1
     if devices * t.num_nodes > 1 and os.environ.get("LLMSTAGES_SWEEP"):
         problems.append(("devices", f"{t.devices} with strategy={t.strategy}: a multi-process run cannot be a job of "
                                     "a Hydra multirun (Lightning relaunches the script per process, outside the "
