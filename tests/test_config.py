@@ -11,6 +11,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
+from llmstages import cli
 from llmstages.cli import compose_params
 from llmstages.config import SCHEMAS, STAGES, ConfigError, validate
 from llmstages.runtime import check_trainer
@@ -184,7 +185,7 @@ def test_every_trainer_check_is_one_function_and_machine_checks_wait_for_a_run_h
 
 def test_sft_defaults_are_padding_free_and_packing_alone_still_validates():
     cfg = validate("sft", compose("sft"))
-    assert cfg.padding_free and not cfg.packing and cfg.trainer.max_steps == 2500
+    assert cfg.padding_free and not cfg.packing and cfg.trainer.max_steps == 1600
     assert validate("sft", compose("sft", ["packing=true"])).packing  # packed items: padding_free does not apply
 
 
@@ -264,3 +265,6 @@ def test_tiny_experiment_composes(tmp_path):
     assert p["pretrain"]["model"]["d_model"] == 32
     for stage in STAGES:
         validate(stage, p[stage])
+    # `llmstages params experiment=tiny`, written as for a single stage, composes the same file
+    assert cli.main(["params", "experiment=tiny", "-o", str(tmp_path / "q.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "q.yaml").read_text()) == p

@@ -321,8 +321,10 @@ def _params_cmd(argv: list[str]) -> int:
 
     from .config import ConfigError
 
+    # experiment=NAME as for a single stage; the pipeline config has no default experiment, so Hydra needs "+"
+    overrides = [f"+{o}" if o.partition("=")[0] == "experiment" else o for o in args.overrides]
     try:
-        print(compose_params(args.overrides, args.output))
+        print(compose_params(overrides, args.output))
     except (HydraException, ConfigError) as err:
         sys.exit(f"llmstages params: {err}")
     return 0

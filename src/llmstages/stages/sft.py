@@ -9,6 +9,7 @@ exact match is measured by greedy generation, for the starting (pretrained) mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,16 +33,25 @@ from .stage import Stage, encoding_metrics, log_encoding
 
 class SFTModule(L.LightningModule):
     """Causal LM fine-tuned with the loss mask of the chat template (response tokens + EOS); ``compile`` runs
-    the forward through ``torch.compile``."""
+    the forward through ``torch.compile``; ``heldout(model)``, when given, scores held-out answers at each
+    validation (its ``exact_match*`` values are logged as ``val/exact_match*``)."""
 
-    def __init__(self, model: GPT, optim: dict, compile: bool = False) -> None:
+    def __init__(self, model: GPT, optim: dict, compile: bool = False,
+                 heldout: Callable[[GPT], dict[str, float]] | None = None) -> None:
         super().__init__()
-        self.model, self.optim = model, optim
-        self.forward_fn = CompiledCall(model, compile)
+        self.model, self.optim, self.heldout = model, optim, heldout
+        self.hidden_fn = CompiledCall(model.hidden, compile)
 
     def _loss(self, batch):
-        logits = self.forward_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
-        return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        """Cross-entropy in nats per supervised token. The LM head runs at the supervised positions only: the
+        same loss as :func:`next_token_loss` on every position's logits, without the prompt positions' share
+        of the head (most of a chat example's tokens are prompt)."""
+        supervised = batch["loss_mask"].bool()
+        if not bool(supervised.any()):
+            raise ValueError("loss_mask has no supervised token in this batch")
+        hidden = self.hidden_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
+        logits = self.model.lm_head(hidden[supervised])  # (N, V) for the N supervised positions
+        return next_token_loss(logits[None], batch["targets"][supervised][None])
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -52,15 +62,22 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)  # mean over DDP processes
 
+    def on_validation_epoch_end(self):
+        """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned."""
+        if self.heldout is not None and not self.trainer.sanity_checking:
+            scores = {k: v for k, v in self.heldout(self.model).items()
+                      if k.startswith("exact_match") and "_ci95_" not in k}
+            self.log_dict({f"val/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+
     def configure_optimizers(self):
         return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
 
 
-def heldout_answers(model: GPT, tok, rows: list[dict], max_new_tokens: int, pairs) -> dict[str, float]:
-    """Exact match of greedy answers to the held-out ``rows`` and preference accuracy on the held-out ``pairs``
-    (``(loader, tasks)`` of :func:`~llmstages.evaluation.heldout_pairs`)."""
+def heldout_answers(model: GPT, tok, rows: list[dict], max_new_tokens: int, pairs=None) -> dict[str, float]:
+    """Exact match of greedy answers to the held-out ``rows`` and, given ``pairs`` (``(loader, tasks)`` of
+    :func:`~llmstages.evaluation.heldout_pairs`), preference accuracy on those held-out pairs."""
     responses, gens = generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens)
-    return {**answer_metrics(rows, responses, gens), **preference_accuracy(model, *pairs)}
+    return {**answer_metrics(rows, responses, gens), **(preference_accuracy(model, *pairs) if pairs else {})}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -78,7 +95,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens, pairs) if is_rank_zero() else {}
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
-    module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile)
+    module = SFTModule(model, optim_kwargs(cfg), cfg.trainer.compile,
+                       partial(heldout_answers, tok=tok, rows=eval_rows, max_new_tokens=cfg.eval_max_new_tokens))
     dl = dict(batch_size=cfg.batch_size, collate_fn=partial(collate_sft, pad_id=tok.pad_id),
               num_workers=cfg.num_workers)
     train_dl = dict(dl, collate_fn=partial(collate_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
