@@ -40,18 +40,11 @@ class SFTModule(L.LightningModule):
                  heldout: Callable[[GPT], dict[str, float]] | None = None) -> None:
         super().__init__()
         self.model, self.optim, self.heldout = model, optim, heldout
-        self.hidden_fn = CompiledCall(model.hidden, compile)
+        self.forward_fn = CompiledCall(model, compile)
 
     def _loss(self, batch):
-        """Cross-entropy in nats per supervised token. The LM head runs at the supervised positions only: the
-        same loss as :func:`next_token_loss` on every position's logits, without the prompt positions' share
-        of the head (most of a chat example's tokens are prompt)."""
-        supervised = batch["loss_mask"].bool()
-        if not bool(supervised.any()):
-            raise ValueError("loss_mask has no supervised token in this batch")
-        hidden = self.hidden_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
-        logits = self.model.lm_head(hidden[supervised])  # (N, V) for the N supervised positions
-        return next_token_loss(logits[None], batch["targets"][supervised][None])
+        logits = self.forward_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
+        return next_token_loss(logits, batch["targets"], batch["loss_mask"])
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
@@ -67,7 +60,8 @@ class SFTModule(L.LightningModule):
         if self.heldout is not None and not self.trainer.sanity_checking:
             scores = {k: v for k, v in self.heldout(self.model).items()
                       if k.startswith("exact_match") and "_ci95_" not in k}
-            self.log_dict({f"val/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+            # every DDP process scores the same rows with the same weights: the mean is that one value
+            self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_schedule(param_groups(self.model, self.optim["weight_decay"]), **self.optim)
