@@ -40,6 +40,7 @@ class SFTModule(L.LightningModule):
                  heldout: Callable[[GPT], dict[str, float]] | None = None) -> None:
         super().__init__()
         self.model, self.optim, self.heldout = model, optim, heldout
+        self.heldout_scores: dict[str, float] = {}  # the last validation's ``heldout(model)``
         self.forward_fn = CompiledCall(model, compile)
 
     def _loss(self, batch):
@@ -58,8 +59,8 @@ class SFTModule(L.LightningModule):
     def on_validation_epoch_end(self):
         """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned."""
         if self.heldout is not None and not self.trainer.sanity_checking:
-            scores = {k: v for k, v in self.heldout(self.model).items()
-                      if k.startswith("exact_match") and "_ci95_" not in k}
+            self.heldout_scores = self.heldout(self.model)
+            scores = {k: v for k, v in self.heldout_scores.items() if k.startswith("exact_match") and "_ci95_" not in k}
             # every DDP process scores the same rows with the same weights: the mean is that one value
             self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=True)
 
@@ -101,7 +102,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
-    after = heldout_answers(module.model, tok, eval_rows, cfg.eval_max_new_tokens, pairs)
+    # the final validation above scored the held-out answers of the final model: only the pairs are left
+    after = {**module.heldout_scores, **preference_accuracy(module.model, *pairs)}
     metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
                "val_loss": val_loss,
                "train_examples": train.stats.kept, "train_sequences": len(train), "resumed_from_step": resumed,
