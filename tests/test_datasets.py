@@ -14,6 +14,7 @@ from llmstages.data.datasets import (PreferenceDataset, SFTDataset, TokenWindows
 from llmstages.losses import next_token_loss
 from llmstages.model import GPT, GPTConfig
 from llmstages.tokenizer import ChatTokenizer, train_tokenizer
+from llmstages.stages.sft import SFTModule
 
 PAD, BOS, EOS, SYSTEM, USER, ASSISTANT = range(6)
 
@@ -242,3 +243,24 @@ def test_collate_partial_pickles():
     import pickle
 
     assert pickle.loads(pickle.dumps(partial(collate_sft, pad_id=0)))([([1, 2], [0, 1])])["inputs"].tolist() == [[1]]
+
+
+def test_sft_loss_runs_the_lm_head_at_supervised_positions_only_with_the_same_loss_and_gradient(tok):
+    """SFTModule computes logits only where the loss mask is set: same loss and gradient as the masked mean of
+    the cross-entropy over every position's logits."""
+    rows = [chat("What's 2 + 2?", "4"), chat("Hello", "world 12"), chat("Hi", "a tiny corpus")]
+    b = collate_padding_free(SFTDataset(rows, tok, max_len=24).items, pad_id=PAD, max_len=24)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, max_seq_len=64))
+    results = []
+    for loss_fn in (lambda: next_token_loss(model(b["inputs"], positions=b["positions"], attn_mask=b["attn_mask"]),
+                                            b["targets"], b["loss_mask"]),
+                    lambda: SFTModule(model, {})._loss(b)):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert torch.allclose(results[1][1], results[0][1], atol=1e-7)
+    with pytest.raises(ValueError, match="no supervised token"):
+        SFTModule(model, {})._loss({**b, "loss_mask": torch.zeros_like(b["loss_mask"])})

@@ -41,11 +41,22 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.model, self.optim, self.heldout = model, optim, heldout
         self.heldout_scores: dict[str, float] = {}  # the last validation's ``heldout(model)``
-        self.forward_fn = CompiledCall(model, compile)
+        self.hidden_fn = CompiledCall(model.hidden, compile)
 
     def _loss(self, batch):
-        logits = self.forward_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
-        return next_token_loss(logits, batch["targets"], batch["loss_mask"])
+        """Cross-entropy in nats per supervised token. The LM head runs at the supervised positions only: the
+        same loss and gradient as :func:`~llmstages.losses.next_token_loss` on every position's logits with
+        the loss mask, without the prompt positions' share of the head (most of a chat example is prompt).
+
+        Raises:
+            ValueError: if the batch's ``loss_mask`` has no supervised position.
+        """
+        supervised = batch["loss_mask"].bool()
+        if not bool(supervised.any()):
+            raise ValueError("loss_mask has no supervised token in this batch")
+        hidden = self.hidden_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
+        logits = self.model.lm_head(hidden[supervised])  # (N, V) for the N supervised positions
+        return next_token_loss(logits[None], batch["targets"][supervised][None])
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
