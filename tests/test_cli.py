@@ -166,6 +166,25 @@ def test_diverged_pretrain_is_a_one_line_error(tiny_run, tmp_path):
     assert "Traceback" not in p.stderr and not (tmp_path / "outputs/div/model.safetensors").exists()
 
 
+@pytest.mark.parametrize("stage, args, key", [
+    ("sft", ["max_len=1024"], "sft.max_len=1024"),
+    ("reward", ["max_len=1024"], "reward.max_len=1024"),
+    ("rlhf", ["algorithm=dpo", "dpo.max_len=1024"], "rlhf.dpo.max_len=1024"),
+    ("rlhf", ["ppo.max_new_tokens=2000"], "rlhf.ppo.max_new_tokens=2000"),
+])
+def test_length_above_the_model_positions_is_a_one_line_error_before_training(tiny_run, tmp_path, stage, args, key):
+    """A length longer than the model's positions is refused, naming the key, before any training step."""
+    work, _ = tiny_run
+    inputs = {"sft": [f"init_from={work}/outputs/pretrain"], "reward": [f"init_from={work}/outputs/sft"],
+              "rlhf": [f"policy_from={work}/outputs/sft", f"reward_from={work}/outputs/reward"]}[stage]
+    p = run([stage, f"data_dir={work}/outputs/data", *inputs, "out_dir=outputs/o", "logger=none",
+             *TINY[stage], *args], tmp_path, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"llmstages {stage}: error: {key} is longer than the ") and "positions of the model" in last
+    assert not (tmp_path / "outputs/checkpoints").exists()  # stopped before the Trainer made a checkpoint folder
+
+
 def test_generate_shows_each_stage(tiny_run):
     work, _ = tiny_run
     p = run(["generate", "What's 2 + 2?", "--max-new-tokens", "4"], work)

@@ -255,7 +255,7 @@ def test_sft_loss_runs_the_lm_head_at_supervised_positions_only_with_the_same_lo
     results = []
     for loss_fn in (lambda: next_token_loss(model(b["inputs"], positions=b["positions"], attn_mask=b["attn_mask"]),
                                             b["targets"], b["loss_mask"]),
-                    lambda: SFTModule(model, {})._loss(b)):
+                    lambda: SFTModule(model, {}).token_losses(b).mean()):
         model.zero_grad()
         loss = loss_fn()
         loss.backward()
@@ -263,4 +263,4 @@ def test_sft_loss_runs_the_lm_head_at_supervised_positions_only_with_the_same_lo
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     assert torch.allclose(results[1][1], results[0][1], atol=1e-7)
     with pytest.raises(ValueError, match="no supervised token"):
-        SFTModule(model, {})._loss({**b, "loss_mask": torch.zeros_like(b["loss_mask"])})
+        SFTModule(model, {}).token_losses({**b, "loss_mask": torch.zeros_like(b["loss_mask"])})

@@ -36,6 +36,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torc
     return masked_mean(ce, loss_mask)
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``(N,)`` in nats of each target id ``(N,)`` under its logits ``(N, V)`` (in float32): the
+    per-token losses whose mean is :func:`next_token_loss` (e.g. for :class:`~llmstages.optim.StepMean`)."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Log-probability ``(B, T)`` of each target id under ``logits`` ``(B, T, V)``; log-softmax in float32."""
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -47,12 +53,14 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Pairwise reward-model loss ``-log sigmoid(r_chosen - r_rejected)``, mean over pairs ``(B,)``.
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Pairwise reward-model loss ``-log sigmoid(r_chosen - r_rejected)`` of the pairs' rewards ``(B,)``: the
+    mean over pairs (scalar), or with ``reduction="none"`` each pair's loss ``(B,)``.
 
     Bradley & Terry (1952); as used for RLHF reward models in Ouyang et al. (2022), eq. 1.
     """
-    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+    losses = -F.logsigmoid(r_chosen.float() - r_rejected.float())
+    return losses if reduction == "none" else losses.mean()
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")  # Schulman (2020), "Approximating KL divergence"

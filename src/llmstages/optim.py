@@ -1,5 +1,7 @@
 """The optimizer and learning-rate schedule of every training stage: AdamW over parameter groups, linear warmup
-then cosine decay, and the optimizer step of the stages that use Lightning's manual optimization (the RL stages).
+then cosine decay; losses averaged over every token (or pair) of an optimizer step across gradient accumulation
+and DDP (:class:`StepMean`); and the optimizer step of the stages that use Lightning's manual optimization (the
+RL stages).
 """
 
 from __future__ import annotations
@@ -58,3 +60,58 @@ def manual_step(module, loss: torch.Tensor, grad_clip: float) -> None:
         module.clip_gradients(opt, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
     opt.step()
     sched.step()
+
+
+class StepMean:
+    """A loss that is a mean over items (supervised tokens, preference pairs), taken over the whole optimizer
+    step: every item of the step's micro-batches (``trainer.accumulate_grad_batches`` of them) on every DDP
+    process weighs the same, so accumulation and DDP are exact rewrites of one large batch.
+
+    Averaging each micro-batch's mean instead (what Lightning's accumulation and DDP's gradient averaging do)
+    weighs a micro-batch of 2 supervised tokens as much as one of 8: the "gradient accumulation bug" that
+    Hugging Face transformers fixed in 2024 by dividing by the step's item count (``num_items_in_batch``).
+
+    Use, in a LightningModule with automatic optimization: ``return self.step_mean.add(self, losses)`` from
+    ``training_step`` with the per-item losses ``(N,)`` of the micro-batch, and ``loss = self.step_mean.finish(self)``
+    in ``on_before_optimizer_step`` (after the step's last backward, before gradient clipping), which divides
+    the gradients by the step's item count and returns the step's mean loss (the value to log).
+
+    With one micro-batch per step on one process the micro-batch mean is the step mean: :meth:`add` returns it
+    and :meth:`finish` leaves the gradients alone (the same numbers as a plain mean).
+    """
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | float = 0.0
+        self._count = 0
+
+    @staticmethod
+    def _scale(module) -> int:
+        """``A * W``: what Lightning (``/A``, accumulation) and DDP (``/W``, gradient averaging) divide by."""
+        return module.trainer.accumulate_grad_batches * module.trainer.world_size
+
+    def add(self, module, losses: torch.Tensor) -> torch.Tensor:
+        """Record a micro-batch's per-item losses ``(N,)``; return the loss to backpropagate (scalar).
+
+        Raises:
+            ValueError: if ``losses`` is empty (a micro-batch must never give a fake 0.0 loss).
+        """
+        if losses.numel() == 0:
+            raise ValueError("a micro-batch with no supervised token or pair")
+        self._sum = self._sum + losses.detach().float().sum()
+        self._count += losses.numel()
+        scale = self._scale(module)
+        return losses.mean() if scale == 1 else losses.sum() * scale
+
+    def finish(self, module) -> torch.Tensor:
+        """Divide the accumulated gradients by the item count of the whole step (all micro-batches, all
+        processes); return the step's mean loss over those items (scalar, the same on every process)."""
+        total = torch.stack([torch.as_tensor(self._sum, dtype=torch.float32, device=module.device),
+                             torch.tensor(float(self._count), device=module.device)])
+        self._sum, self._count = 0.0, 0
+        if self._scale(module) == 1:
+            return total[0] / total[1]
+        total = module.trainer.strategy.reduce(total, reduce_op="sum")
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.div_(total[1])
+        return total[0] / total[1]

@@ -317,6 +317,45 @@ def log_table(loggers: list, name: str, rows: list[dict]) -> None:
             lg.log_table(key=name, columns=cols, data=[[r[c] for c in cols] for r in rows])
 
 
+def logged_steps(loggers: list, curves_dir: str | Path) -> dict[str, int]:
+    """The last step of each metric that an interrupted run already logged: ``{metric: step}`` from the DVC
+    curves under ``curves_dir`` (:func:`curve_logger`'s ``work_dir``) and, for MLflow, from the run's own
+    history (a kill may fall between two trackers' writes)."""
+    import csv
+
+    last: dict[str, int] = {}
+    root = Path(curves_dir) / "plots" / "metrics"
+    for f in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+        with open(f, newline="", encoding="utf-8") as fh:
+            steps = [int(r["step"]) for r in csv.DictReader(fh, delimiter="\t")]
+        if steps:
+            last[f.relative_to(root).with_suffix("").as_posix()] = max(steps)
+    for lg in loggers:
+        if type(lg).__name__ == "MLFlowLogger":
+            client, run_id = lg.experiment, lg.run_id
+            for key in client.get_run(run_id).data.metrics:
+                steps = [m.step for m in client.get_metric_history(run_id, key)]
+                last[key] = max([last.get(key, -1), *steps])
+    return last
+
+
+def skip_logged_steps(loggers: list, last: dict[str, int]) -> None:
+    """Make each of ``loggers`` drop a metric at a step it already holds (``last``: :func:`logged_steps`).
+
+    A run resumed from its checkpoint at step k repeats the steps between k and the interruption, which its
+    trackers already hold with the same values (resume is exact), so each tracker keeps one point per step.
+    Metrics first logged after the resume (the final evaluation, say) go through whatever their step.
+    """
+    if not last:
+        return
+    for lg in loggers:
+        def only_new(metrics: dict, step: int | None = None, _log=lg.log_metrics) -> None:
+            new = {k: v for k, v in metrics.items() if step is None or step > last.get(k, -1)}
+            if new:
+                _log(new, step)
+        lg.log_metrics = only_new
+
+
 def curve_logger(work_dir: str | Path, out_dir: str | Path, resume: bool):
     """A Lightning logger that writes each metric the stage logs as a DVC plot: ``<out_dir>/curves/<name>.tsv``
     (columns ``step`` and the metric; ``val/loss`` -> ``curves/val/loss.tsv``), through DVCLive.

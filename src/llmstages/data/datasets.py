@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .jsonio import read_jsonl  # noqa: F401  (re-exported for the stages)
 
@@ -312,6 +313,46 @@ class PromptDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
+
+
+class ShuffledPasses(Sampler[int]):
+    """The indices a training run reads: successive passes over a dataset of ``n`` items, pass ``p`` in the
+    order ``torch.randperm(n)`` drawn from a generator seeded with ``seed + p``, cut after ``num_samples``
+    indices per process; process ``rank`` of ``world_size`` takes every ``world_size``-th index of that stream.
+
+    The order depends on ``(seed, position)`` alone, and one sampler spans the whole run (Lightning sees one
+    epoch of ``max_steps`` batches; a pass over the data may end inside a batch), so a resumed run fast-forwards
+    to its position and reads what the uninterrupted run would, including across the end of a pass. Under DDP
+    the W processes' batches of a step are together the batch of ``W * batch_size`` that one process reads.
+    """
+
+    def __init__(self, n: int, num_samples: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+        self.n, self.num_samples, self.seed, self.world_size, self.rank = n, num_samples, seed, world_size, rank
+
+    def __iter__(self):
+        produced, i, p = 0, 0, 0  # indices this process yielded; position in the global stream; pass
+        while produced < self.num_samples:
+            for idx in torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + p)).tolist():
+                if i % self.world_size == self.rank:
+                    yield idx
+                    produced += 1
+                    if produced == self.num_samples:
+                        return
+                i += 1
+            p += 1
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def shuffled_loader(dataset: Dataset, batch_size: int, steps: int, seed: int, world_size: int = 1, rank: int = 0,
+                    **kwargs) -> StatefulDataLoader:
+    """The training batches of a run of ``steps`` micro-batches: :class:`ShuffledPasses` over ``dataset`` in a
+    ``StatefulDataLoader``, whose position is saved in each checkpoint (a plain DataLoader restarts its epoch on
+    resume, and a ``RandomSampler`` draws its order from the global RNG, which a resumed process does not
+    have). ``kwargs`` go to the loader (``collate_fn``, ``num_workers``)."""
+    sampler = ShuffledPasses(len(dataset), steps * batch_size, seed, world_size, rank)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
 def task_balanced_sampler(tasks: list[str], seed: int) -> WeightedRandomSampler:

@@ -19,11 +19,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from ..checkpoint import save_output
 from ..data.datasets import TokenWindows
 from ..evaluation import probe_answers
-from ..losses import next_token_loss
+from ..losses import next_token_loss, token_cross_entropy
 from ..tokenizer import load_tokenizer
 from ..callbacks import is_log_step
 from ..model import GPT, GPTConfig
-from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..optim import StepMean, adamw_with_schedule, optim_kwargs, param_groups
 from ..runtime import CompiledCall, seed_everything
 from .stage import Stage
 
@@ -39,13 +39,17 @@ class PretrainModule(L.LightningModule):
         self.forward_fn = CompiledCall(self.model, compile)
         self.optim, self.bytes_per_token, self.tokens_per_step = optim, bytes_per_token, tokens_per_step
         self._t0: float | None = None
+        self.step_mean = StepMean()
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T) each
-        loss = next_token_loss(self.forward_fn(x), y)
+        # every token of the optimizer step weighs the same, across gradient accumulation and DDP
+        return self.step_mean.add(self, token_cross_entropy(self.forward_fn(x).flatten(0, 1), y.flatten()))
+
+    def on_before_optimizer_step(self, optimizer):
+        loss = self.step_mean.finish(self)  # the step's mean over its tokens
         if is_log_step(self):
             self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.trainer.log_every_n_steps

@@ -16,16 +16,16 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free
+from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free, shuffled_loader
 from ..data.formats import read_canonical
 from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
 from ..tokenizer import load_tokenizer
 from ..callbacks import is_log_step
 from ..model import GPT, ScalarHead, last_token_index
-from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..optim import StepMean, adamw_with_schedule, optim_kwargs, param_groups
 from ..runtime import CompiledCall, seed_everything
-from .stage import Stage, encoding_metrics, log_encoding
+from .stage import Stage, check_positions, encoding_metrics, log_encoding
 
 
 class RewardModule(L.LightningModule):
@@ -36,6 +36,7 @@ class RewardModule(L.LightningModule):
         super().__init__()
         self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model), optim
         self.hidden_fn = CompiledCall(model.hidden, compile)
+        self.step_mean = StepMean()
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Reward ``(2B,)`` of each sequence of a :func:`~llmstages.data.datasets.collate_pairs` batch (right-padded
@@ -47,22 +48,24 @@ class RewardModule(L.LightningModule):
         h = self.hidden_fn(batch["tokens"])  # right padding: causal attention never sees the pads before the end
         return self.head(h).gather(1, last_token_index(batch["mask"])[:, None]).squeeze(1)
 
-    def _step(self, batch, prefix: str):
-        r = self.scores(batch)
-        chosen, rejected = r.chunk(2)
-        loss = bradley_terry_loss(chosen, rejected)
-        if prefix == "val" or is_log_step(self):
-            sync = prefix == "val"  # validation: the mean over DDP processes
-            self.log(f"{prefix}/loss", loss, prog_bar=True, sync_dist=sync)
-            self.log(f"{prefix}/accuracy", (chosen > rejected).float().mean(), prog_bar=True, sync_dist=sync)
-            self.log(f"{prefix}/margin", (chosen - rejected).mean(), sync_dist=sync)
-        return loss
-
     def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
+        chosen, rejected = self.scores(batch).chunk(2)
+        if is_log_step(self):  # the step's loss is logged once its every pair is in (on_before_optimizer_step)
+            self.log("train/accuracy", (chosen > rejected).float().mean(), prog_bar=True)
+            self.log("train/margin", (chosen - rejected).mean())
+        # every pair of the optimizer step weighs the same, across gradient accumulation and DDP
+        return self.step_mean.add(self, bradley_terry_loss(chosen, rejected, reduction="none"))
+
+    def on_before_optimizer_step(self, optimizer):
+        loss = self.step_mean.finish(self)  # the step's mean Bradley-Terry loss over its pairs
+        if is_log_step(self):
+            self.log("train/loss", loss, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        chosen, rejected = self.scores(batch).chunk(2)  # logged as the mean over batches and DDP processes
+        self.log("val/loss", bradley_terry_loss(chosen, rejected), prog_bar=True, sync_dist=True)
+        self.log("val/accuracy", (chosen > rejected).float().mean(), prog_bar=True, sync_dist=True)
+        self.log("val/margin", (chosen - rejected).mean(), sync_dist=True)
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.optim["weight_decay"]) + [{"params": self.head.parameters(),
@@ -87,6 +90,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
+    check_positions("reward", model.cfg.max_seq_len, init, max_len=cfg.max_len)
     tok = load_tokenizer(init)
     train, val = (PreferenceDataset(read_canonical(path, "preference"), tok, cfg.max_len, cfg.long_prompt, str(path))
                   for path in (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl"))
@@ -101,7 +105,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                     ) if cfg.padding_free else dl
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
-    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **train_dl), val_dl)
+    t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
+    train_dl = shuffled_loader(train, cfg.batch_size, t.max_steps * t.accumulate_grad_batches, t.seed,
+                               trainer.world_size, trainer.global_rank, **{k: v for k, v in train_dl.items()
+                                                                          if k != "batch_size"})
+    resumed = stage.fit(trainer, module, train_dl, val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:

@@ -28,7 +28,7 @@ from ..rollout import RLInputs, RLRun, response_logprobs, sample
 from ..runtime import is_rank_zero, seed_everything
 from ..tokenizer import load_tokenizer
 from . import dpo, grpo, ppo
-from .stage import Stage
+from .stage import Stage, check_positions
 
 log = logging.getLogger("llmstages")
 
@@ -75,6 +75,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         log.warning("trainer.compile: not used by rlhf (rollout shapes change every step); running eagerly")
     data_dir, sft_dir, rm_dir = Path(cfg.data_dir), Path(cfg.policy_from), Path(cfg.reward_from)
     policy, _, _ = load_output(sft_dir)
+    lengths = {k: cfg[cfg.algorithm][k] for k in ("max_len", "max_new_tokens") if k in cfg[cfg.algorithm]}
+    check_positions(f"rlhf.{cfg.algorithm}", policy.cfg.max_seq_len, sft_dir, **lengths)
     reference, _, _ = load_output(sft_dir)
     reward_model, reward_head, _ = load_output(rm_dir, with_head=True)
     tok = load_tokenizer(sft_dir)

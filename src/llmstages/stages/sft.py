@@ -14,21 +14,23 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import load_output, save_output
-from ..data.datasets import PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl
+from ..data.datasets import (PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl,
+                             shuffled_loader)
 from ..data.formats import read_canonical
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
                           probe_answers)
-from ..losses import next_token_loss
+from ..losses import token_cross_entropy
 from ..tokenizer import load_tokenizer
 from ..callbacks import is_log_step
 from ..model import GPT
-from ..optim import adamw_with_schedule, optim_kwargs, param_groups
+from ..optim import StepMean, adamw_with_schedule, optim_kwargs, param_groups
 from ..runtime import CompiledCall, is_rank_zero, seed_everything
-from .stage import Stage, encoding_metrics, log_encoding
+from .stage import Stage, check_positions, encoding_metrics, log_encoding
 
 
 class SFTModule(L.LightningModule):
@@ -41,12 +43,14 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.model, self.optim, self.heldout = model, optim, heldout
         self.heldout_scores: dict[str, float] = {}  # the last validation's ``heldout(model)``
+        self.step_mean = StepMean()
         self.hidden_fn = CompiledCall(model.hidden, compile)
 
-    def _loss(self, batch):
-        """Cross-entropy in nats per supervised token. The LM head runs at the supervised positions only: the
-        same loss and gradient as :func:`~llmstages.losses.next_token_loss` on every position's logits with
-        the loss mask, without the prompt positions' share of the head (most of a chat example is prompt).
+    def token_losses(self, batch) -> torch.Tensor:
+        """Cross-entropy ``(N,)`` in nats of each of the batch's N supervised tokens. The LM head runs at the
+        supervised positions only: their mean is :func:`~llmstages.losses.next_token_loss` of every position's
+        logits with the loss mask (same value and gradient) without the prompt positions' share of the head
+        (most of a chat example is prompt).
 
         Raises:
             ValueError: if the batch's ``loss_mask`` has no supervised position.
@@ -56,16 +60,18 @@ class SFTModule(L.LightningModule):
             raise ValueError("loss_mask has no supervised token in this batch")
         hidden = self.hidden_fn(batch["inputs"], positions=batch.get("positions"), attn_mask=batch.get("attn_mask"))
         logits = self.model.lm_head(hidden[supervised])  # (N, V) for the N supervised positions
-        return next_token_loss(logits[None], batch["targets"][supervised][None])
+        return token_cross_entropy(logits, batch["targets"][supervised])
 
     def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
+        return self.step_mean.add(self, self.token_losses(batch))  # every supervised token of the step weighs the same
+
+    def on_before_optimizer_step(self, optimizer):
+        loss = self.step_mean.finish(self)  # the step's mean over its supervised tokens
         if is_log_step(self):
             self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)  # mean over DDP processes
+        self.log("val/loss", self.token_losses(batch).mean(), prog_bar=True, sync_dist=True)  # mean over processes
 
     def on_validation_epoch_end(self):
         """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned."""
@@ -91,6 +97,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, _ = load_output(init)
+    check_positions("sft", model.cfg.max_seq_len, init, max_len=cfg.max_len)
     tok = load_tokenizer(init)
     train, val = (SFTDataset(read_canonical(path, "sft"), tok, cfg.max_len, cfg.long_prompt, cfg.packing, str(path))
                   for path in (data_dir / "sft_train.jsonl", data_dir / "sft_val.jsonl"))
@@ -108,7 +115,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     train_dl = dict(dl, collate_fn=partial(collate_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
                     ) if cfg.padding_free and not cfg.packing else dl  # packed items are packed already
     trainer, val_dl = stage.trainer(), DataLoader(val, **dl)
-    resumed = stage.fit(trainer, module, DataLoader(train, shuffle=True, **train_dl), val_dl)
+    t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
+    train_dl = shuffled_loader(train, cfg.batch_size, t.max_steps * t.accumulate_grad_batches, t.seed,
+                               trainer.world_size, trainer.global_rank, **{k: v for k, v in train_dl.items()
+                                                                          if k != "batch_size"})
+    resumed = stage.fit(trainer, module, train_dl, val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
     if not trainer.is_global_zero:

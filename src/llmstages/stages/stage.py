@@ -24,9 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import StepProgressBar
 from ..checkpoint import write_json
+from ..config import ConfigError
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..tracking import (combined_md5, end_parent_runs, git_commit, in_pipeline, lineage_tags, log_lineage, log_summary,
-                        log_table, make_loggers, pipeline_run_id, project_path, run_ids, tag_output, tree_md5s)
+                        log_table, logged_steps, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
+                        tag_output, tree_md5s)
 
 log = logging.getLogger("llmstages")
 
@@ -39,6 +41,23 @@ def log_encoding(stage: str, **sets) -> None:
 def encoding_metrics(**sets) -> dict[str, int]:
     """``{"<set>_<count>": n}`` for each set's :meth:`~llmstages.data.datasets.EncodeStats.summary`."""
     return {f"{name}_{k}": v for name, stats in sets.items() for k, v in stats.summary().items()}
+
+def check_positions(stage: str, max_seq_len: int, model_dir: str | Path, **lengths: int) -> None:
+    """Refuse, before any training, a length setting longer than the model's positions.
+
+    Args:
+        stage: the config section, e.g. ``"sft"`` or ``"rlhf.dpo"``; named in the message with the key.
+        max_seq_len: the positions of the model loaded from ``model_dir``.
+        lengths: config key -> tokens it asks for (e.g. ``max_len=128``).
+
+    Raises:
+        ConfigError: naming the first key whose value exceeds ``max_seq_len``.
+    """
+    for key, n in lengths.items():
+        if n > max_seq_len:
+            raise ConfigError(f"{stage}.{key}={n} is longer than the {max_seq_len} positions of the model in "
+                              f"{model_dir} (its max_seq_len): set {key} to at most {max_seq_len}")
+
 
 def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
     """Short hash of the resolved config and of the listed input files' sizes and mtimes."""
@@ -137,7 +156,10 @@ class Stage:
         ckpt = ModelCheckpoint(dirpath=self.ckpt_dir, save_last=True, save_top_k=0,
                                every_n_train_steps=t.checkpoint_every_n_steps)
         cbs = [ckpt, *(callbacks or []), LearningRateMonitor(logging_interval="step")]
-        curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=(self.ckpt_dir / "last.ckpt").is_file())
+        resuming = (self.ckpt_dir / "last.ckpt").is_file()
+        curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=resuming)
+        if resuming and self.rank_zero:  # the steps after the checkpoint were logged before the interruption
+            skip_logged_steps([*self.loggers, curves], logged_steps(self.loggers, self.ckpt_dir / "curves"))
         if t.enable_progress_bar:
             cbs.append(StepProgressBar(self.name))
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,

@@ -1,0 +1,103 @@
+"""Exact resume: a stage killed with `kill -9` and started again with the same command continues from its last
+checkpoint and trains on the batches the uninterrupted run would: the same loss at every step, the same final
+metrics, and one point per step in its MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY
+
+LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
+
+
+def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
+    """``{step: value}`` of a stage output's DVC curve (full float precision)."""
+    with open(out / "curves" / f"{key}.tsv", newline="") as fh:
+        return {int(r["step"]): float(r[key.rsplit("/", 1)[1]]) for r in csv.DictReader(fh, delimiter="\t")}
+
+
+def logged_past(ckpts: Path, step: int) -> bool:
+    """Whether the running stage has logged ``train/loss`` beyond ``step`` (its curve beside the checkpoint)."""
+    for f in ckpts.glob("*/curves/plots/metrics/train/loss.tsv"):
+        with open(f, newline="") as fh:
+            if any(int(r["step"]) > step for r in csv.DictReader(fh, delimiter="\t")):
+                return True
+    return False
+
+
+def kill_after_first_checkpoint(args: list[str], cwd: Path, env: dict, every: int) -> None:
+    """Start ``llmstages <args>``, SIGKILL its process group once its first checkpoint (step ``every``) is written
+    and a step after it has been logged, so that the trackers hold steps that the resumed run repeats. (Not in
+    the milliseconds between the checkpoint's write and its own step's log line: a kill there loses that one
+    point, see the README on resuming.)"""
+    proc = subprocess.Popen([LLMSTAGES, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts, deadline = cwd / "outputs/checkpoints", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (list(ckpts.glob("*/last.ckpt"))
+                                                                   and logged_past(ckpts, every - 1)):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("*/last.ckpt")), "no checkpoint was written before the kill"
+
+
+def rows(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("stage, boundary", [("sft", False), ("sft", True), ("reward", False), ("pretrain", False)])
+def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
+    """Killed after its first checkpoint (mid-pass, or with ``boundary`` at the last step inside the first pass
+    over the data, so that the resumed run's first batch straddles two passes) and rerun: per-step training
+    losses and final metrics equal the uninterrupted run's, and MLflow holds each step once."""
+    import mlflow
+
+    work, _ = tiny_run
+    inputs = {"pretrain": [], "sft": [f"init_from={work}/outputs/pretrain"],
+              "reward": [f"init_from={work}/outputs/sft"]}[stage]
+    n_train = {"pretrain": 0, "sft": rows(work / "outputs/data/sft_train.jsonl"),
+               "reward": rows(work / "outputs/data/pref_train.jsonl")}[stage]
+    batch = 64
+    per_epoch = n_train // batch  # whole batches in the first pass over the data
+    every = per_epoch if boundary else 7
+    steps = max(3 * every, 30) if stage != "pretrain" else 60
+    args = [stage, f"data_dir={work}/outputs/data", *inputs, *TINY[stage], f"batch_size={batch}",
+            f"trainer.max_steps={steps}", f"trainer.checkpoint_every_n_steps={every}", "trainer.log_every_n_steps=1",
+            f"trainer.val_check_interval={steps // 2}"]
+    if boundary:
+        assert per_epoch < steps  # the run goes on into the second epoch
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(LLMSTAGES_CONF=str(ROOT / "conf"), LLMSTAGES_PIPELINE_RUN="resume-test")
+    resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow"]
+    kill_after_first_checkpoint(resumed_args, tmp_path, env, every)
+    assert not (tmp_path / "outputs/resumed/metrics.json").exists(), "the run ended before the kill"
+    p = subprocess.run([LLMSTAGES, *resumed_args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout + p.stderr
+    p = subprocess.run([LLMSTAGES, *args, "out_dir=outputs/straight", "logger=none"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    resumed, straight = (json.loads((tmp_path / f"outputs/{d}/metrics.json").read_text())
+                         for d in ("resumed", "straight"))
+    assert resumed["resumed_from_step"] == every and straight["resumed_from_step"] == 0
+    assert losses(tmp_path / "outputs/resumed") == losses(tmp_path / "outputs/straight")  # every step, bit for bit
+    assert len(losses(tmp_path / "outputs/straight")) == steps
+    skip = {"wall_seconds", "resumed_from_step"}
+    assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in straight.items() if k not in skip}
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.stage = '{stage}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(steps))  # one point per step across the kill
