@@ -185,7 +185,7 @@ def test_every_trainer_check_is_one_function_and_machine_checks_wait_for_a_run_h
 
 def test_sft_defaults_are_padding_free_and_packing_alone_still_validates():
     cfg = validate("sft", compose("sft"))
-    assert cfg.padding_free and not cfg.packing and cfg.trainer.max_steps == 2500
+    assert cfg.padding_free and not cfg.packing and cfg.trainer.max_steps == 2000
     assert validate("sft", compose("sft", ["packing=true"])).packing  # packed items: padding_free does not apply
 
 
