@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import StepProgressBar
 from ..checkpoint import write_json
-from ..config import ConfigError
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..tracking import (combined_md5, end_parent_runs, git_commit, in_pipeline, lineage_tags, log_lineage, log_summary,
                         log_table, logged_steps, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
@@ -51,11 +50,11 @@ def check_positions(stage: str, max_seq_len: int, model_dir: str | Path, **lengt
         lengths: config key -> tokens it asks for (e.g. ``max_len=128``).
 
     Raises:
-        ConfigError: naming the first key whose value exceeds ``max_seq_len``.
+        ValueError: naming the first key whose value exceeds ``max_seq_len``.
     """
     for key, n in lengths.items():
         if n > max_seq_len:
-            raise ConfigError(f"{stage}.{key}={n} is longer than the {max_seq_len} positions of the model in "
+            raise ValueError(f"{stage}.{key}={n} is longer than the {max_seq_len} positions of the model in "
                               f"{model_dir} (its max_seq_len): set {key} to at most {max_seq_len}")
 
 
