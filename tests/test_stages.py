@@ -131,7 +131,7 @@ def test_lineage_links_each_stage_to_the_run_that_made_its_inputs(tiny_run):
     """Tags on every stage run: versions, input hashes, output hash, and the upstream run found by content."""
     from mlflow.tracking import MlflowClient
 
-    from llmstages.tracking import combined_md5, file_md5, tree_md5s
+    from llmstages.lineage import combined_md5, file_md5, tree_md5s
 
     work, _ = tiny_run
     client = MlflowClient(f"sqlite:///{work}/outputs/mlflow.db")

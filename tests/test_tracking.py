@@ -126,7 +126,7 @@ def test_wandb_offline_run_folder_config_and_group(tiny_run, tmp_path):
     """logger=wandb without an API key: an offline run in <wandb_dir>/wandb/ (nothing sent), whose records hold
     the group (pipeline run), the job type (stage), the config with the values used and the lineage, and the
     probe table; `wandb sync <that folder>` uploads it later."""
-    from llmstages.tracking import combined_md5, tree_md5s
+    from llmstages.lineage import combined_md5, tree_md5s
 
     work, _ = tiny_run
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
@@ -163,7 +163,7 @@ def test_compare_lineage_traces_each_row_to_its_run(tiny_run):
     from mlflow.tracking import MlflowClient
 
     from llmstages.cli import main
-    from llmstages.tracking import combined_md5
+    from llmstages.lineage import combined_md5
 
     work, metrics = tiny_run
     uri = f"sqlite:///{work}/outputs/mlflow.db"

@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from ..callbacks import StepProgressBar
 from ..checkpoint import write_json
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
-from ..tracking import (combined_md5, end_parent_runs, git_commit, in_pipeline, lineage_tags, log_lineage, log_summary,
-                        log_table, logged_steps, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
-                        tag_output, tree_md5s)
+from ..lineage import combined_md5, lineage_tags, tree_md5s
+from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_lineage, log_summary, log_table, logged_steps,
+                        make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps, tag_output)
 
 log = logging.getLogger("llmstages")
 
