@@ -28,7 +28,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torc
     Raises:
         ValueError: if ``loss_mask`` has no supervised position (a batch must never give a fake 0.0 loss).
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    ce = token_cross_entropy(logits.flatten(0, 1), targets.flatten()).view_as(targets)
     if loss_mask is None:
         return ce.mean()
     if not bool(loss_mask.any()):

@@ -345,7 +345,7 @@ class ShuffledPasses(Sampler[int]):
         return self.num_samples
 
 
-def shuffled_loader(dataset: Dataset, batch_size: int, steps: int, seed: int, world_size: int = 1, rank: int = 0,
+def shuffled_loader(dataset: Dataset, steps: int, seed: int, world_size: int = 1, rank: int = 0, *, batch_size: int,
                     **kwargs) -> StatefulDataLoader:
     """The training batches of a run of ``steps`` micro-batches: :class:`ShuffledPasses` over ``dataset`` in a
     ``StatefulDataLoader``, whose position is saved in each checkpoint (a plain DataLoader restarts its epoch on

@@ -106,9 +106,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     trainer = stage.trainer()
     val_dl = DataLoader(val, **dl)
     t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
-    train_dl = shuffled_loader(train, cfg.batch_size, t.max_steps * t.accumulate_grad_batches, t.seed,
-                               trainer.world_size, trainer.global_rank, **{k: v for k, v in train_dl.items()
-                                                                          if k != "batch_size"})
+    train_dl = shuffled_loader(train, t.max_steps * t.accumulate_grad_batches, t.seed, trainer.world_size,
+                               trainer.global_rank, **train_dl)
     resumed = stage.fit(trainer, module, train_dl, val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
