@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from llmstages.data.datasets import SFTDataset, collate_pairs, collate_sft, task_balanced_sampler
+from llmstages.data.datasets import ShuffledPasses, SFTDataset, collate_pairs, collate_sft, task_weights
 from llmstages.data.tasks import arithmetic_qa
 from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, preference_accuracy, task_balanced,
                                   wilson_interval, win_rate)
@@ -96,12 +96,17 @@ def test_win_rate_counts_ties_half_and_balances_tasks():
     assert r["reward_arithmetic"] == 2.0 and r["reward_explain"] == 2.75 and r["reward"] == pytest.approx(2.375)
 
 
-def test_task_balanced_sampler_draws_each_task_equally_often():
+def test_task_weighted_passes_draw_each_task_equally_often():
     tasks = ["arithmetic"] * 90 + ["explain"] * 10
-    drawn = [tasks[i] for i in task_balanced_sampler(tasks, seed=0)] + \
-        [tasks[i] for i in task_balanced_sampler(tasks, seed=1)]
-    assert len(drawn) == 200 and 70 <= drawn.count("explain") <= 130  # 100 expected; 10 without balancing
-    assert list(task_balanced_sampler(tasks, seed=3)) == list(task_balanced_sampler(tasks, seed=3))
+    drawn = [tasks[i] for i in ShuffledPasses(100, 200, seed=0, weights=task_weights(tasks))]
+    assert len(drawn) == 200 and 70 <= drawn.count("explain") <= 130  # 100 expected; 20 without balancing
+    assert task_weights(["a", "a", "b"]).tolist() == [0.5, 0.5, 1.0]
+    again = list(ShuffledPasses(100, 200, seed=0, weights=task_weights(tasks)))
+    assert [tasks[i] for i in again] == drawn  # the order is a function of the seed alone
+    halves = [list(ShuffledPasses(100, 100, 0, 2, rank, task_weights(tasks))) for rank in (0, 1)]
+    assert [tasks[i] for pair in zip(*halves) for i in pair] == drawn  # two processes read the one stream
+    with pytest.raises(ValueError, match="non-negative"):
+        ShuffledPasses(3, 3, 0, weights=torch.tensor([1.0, -1.0, 1.0]))
 
 
 def test_sft_raises_exact_match_on_a_toy_arithmetic_set(tmp_path):

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+import torch
+
+from conftest import ROOT, TINY, compose
 
 LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
 
@@ -51,6 +53,18 @@ def kill_after_first_checkpoint(args: list[str], cwd: Path, env: dict, every: in
     assert list(ckpts.glob("*/last.ckpt")), "no checkpoint was written before the kill"
 
 
+def resume_and_run_straight(args: list[str], resumed_args: list[str], cwd: Path, env: dict) -> tuple[dict, dict]:
+    """Rerun the killed command (it must say it resumes), run the same stage uninterrupted into
+    ``outputs/straight``; return both runs' ``metrics.json``."""
+    p = subprocess.run([LLMSTAGES, *resumed_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout + p.stderr
+    p = subprocess.run([LLMSTAGES, *args, "out_dir=outputs/straight", "logger=none"], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tuple(json.loads((cwd / f"outputs/{d}/metrics.json").read_text()) for d in ("resumed", "straight"))
+
+
 def rows(path: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
@@ -81,15 +95,7 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
     resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow"]
     kill_after_first_checkpoint(resumed_args, tmp_path, env, every)
     assert not (tmp_path / "outputs/resumed/metrics.json").exists(), "the run ended before the kill"
-    p = subprocess.run([LLMSTAGES, *resumed_args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resuming from" in p.stdout + p.stderr
-    p = subprocess.run([LLMSTAGES, *args, "out_dir=outputs/straight", "logger=none"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-
-    resumed, straight = (json.loads((tmp_path / f"outputs/{d}/metrics.json").read_text())
-                         for d in ("resumed", "straight"))
+    resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
     assert resumed["resumed_from_step"] == every and straight["resumed_from_step"] == 0
     assert losses(tmp_path / "outputs/resumed") == losses(tmp_path / "outputs/straight")  # every step, bit for bit
     assert len(losses(tmp_path / "outputs/straight")) == steps
@@ -101,3 +107,109 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(logged) == list(range(steps))  # one point per step across the kill
+
+
+KILL_HOOK = '''
+"""Test hook (PYTHONPATH): SIGKILL this process at its optimizer step number LLMSTAGES_TEST_KILL_AT_STEP, after
+that step's forward and backward (in PPO, GRPO and online DPO: after the iteration's rollout) and before the
+parameters change."""
+import os
+import signal
+
+import torch
+
+_at, _calls = int(os.environ["LLMSTAGES_TEST_KILL_AT_STEP"]), [0]
+_step = torch.optim.AdamW.step
+
+
+def step(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == _at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _step(self, *args, **kwargs)
+
+
+torch.optim.AdamW.step = step
+'''
+
+
+def curves(out: Path) -> dict[str, dict[int, float]]:
+    """Every DVC curve of a stage output but the wall-clock ones: ``{key: {step: value}}``."""
+    found = {}
+    for f in sorted((out / "curves").rglob("*.tsv")):
+        key = str(f.relative_to(out / "curves").with_suffix(""))
+        if not key.startswith("time/"):
+            with open(f, newline="") as fh:
+                found[key] = {int(r.pop("step")): float(next(iter(r.values())))
+                              for r in csv.DictReader(fh, delimiter="\t")}
+    return found
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "dpo-online", "dpo-offline"])
+def test_killed_rlhf_resumes_exactly(tiny_run, tmp_path, algorithm):
+    """An rlhf run killed (SIGKILL) at its 5th optimizer step, after the checkpoint of step 4: for PPO, GRPO and
+    online DPO right after an iteration's rollout and before its first update. Rerun with the same command, it
+    logs the same values at every step as the uninterrupted run (the rollouts' samples, minibatch order, prompt
+    order and adaptive KL all continue where they were) and ends with the same metrics; MLflow holds each
+    logged step once."""
+    import mlflow
+
+    work, _ = tiny_run
+    algo, _, pairs = algorithm.partition("-")
+    args = ["rlhf", f"data_dir={work}/outputs/data", f"policy_from={work}/outputs/sft",
+            f"reward_from={work}/outputs/reward", *[a for a in TINY["rlhf"] if "every_n_steps" not in a],
+            f"algorithm={algo}", *([f"dpo.pairs={pairs}"] if pairs else []), "trainer.max_steps=12",
+            "trainer.checkpoint_every_n_steps=4", "trainer.log_every_n_steps=1"]
+    if algo == "ppo":
+        args.append("ppo.kl_target=1.0")  # the adaptive KL coefficient, a checkpointed buffer, changes each iteration
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(LLMSTAGES_CONF=str(ROOT / "conf"), LLMSTAGES_PIPELINE_RUN="resume-test")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow"]
+    killed = subprocess.run([LLMSTAGES, *resumed_args], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**env, "LLMSTAGES_TEST_KILL_AT_STEP": "5",
+                                 "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list((tmp_path / "outputs/checkpoints").glob("rlhf-*/last.ckpt"))
+    resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 12
+    got, want = curves(tmp_path / "outputs/resumed"), curves(tmp_path / "outputs/straight")
+    assert "train/reward" in want or "train/loss" in want
+    assert got == want  # every logged quantity at every step, bit for bit
+    if algo == "ppo":
+        assert len(set(want["train/kl_coef"].values())) > 1
+    skip = {"wall_seconds", "resumed_from_step"}
+    same = {k: v for k, v in resumed.items() if k not in skip and not k.startswith("time_")}
+    assert same == {k: v for k, v in straight.items() if k not in skip and not k.startswith("time_")}
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'rlhf'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    key = "train/reward" if "train/reward" in want else "train/loss"
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
+    assert sorted(logged) == sorted(want[key])  # one point per step across the kill
+
+
+UNTIMED = {"wall_seconds", "resumed_from_step"}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "rlhf"])
+def test_two_runs_of_a_stage_give_identical_metrics(tiny_run, tmp_path, monkeypatch, stage):
+    """Determinism: a stage run again with the same seed, config and inputs (here with
+    ``trainer.deterministic=true``, Lightning's switch to deterministic kernels) ends with the same metrics, bit for
+    bit, as the tiny pipeline's run, and the same weights."""
+    from safetensors.torch import load_file
+
+    from llmstages.cli import run_stage
+
+    work, metrics = tiny_run
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LLMSTAGES_PIPELINE_RUN", "test-pipeline")
+    cfg = compose(stage, [*TINY[stage], "trainer.deterministic=true", "logger=none"])
+    again = run_stage(stage, cfg, str(tmp_path / stage), source="test")
+    untimed = lambda m: {k: v for k, v in m.items() if k not in UNTIMED and not k.startswith("time_")}  # noqa: E731
+    assert untimed(again) == untimed(metrics[stage])
+    first, second = (load_file(d / "model.safetensors") for d in (work / "outputs" / stage, tmp_path / stage))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -67,6 +67,7 @@ class TrainerSchema:
     enable_progress_bar: bool = MISSING
     compile: bool = MISSING  # torch.compile the training forward (pretrain, sft, reward); eager fallback on failure
     seed: int = MISSING
+    deterministic: Any = MISSING  # false | true | warn: Lightning's Trainer(deterministic=...)
 
 
 @dataclass

@@ -7,6 +7,7 @@ Shapes: ``B`` responses, ``P`` padded prompt length, ``N`` response length, ``T 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .config import REWARDS  # noqa: F401  (the allowed values, defined once with the schema)
-from .data.datasets import PROMPT_FIELDS, PromptDataset, collate_prompts, read_jsonl, task_balanced_sampler
+from .data.datasets import PROMPT_FIELDS, PromptDataset, collate_prompts, read_jsonl, shuffled_loader, task_weights
 from .evaluation import full_attention, normalise, reward_scores
 from .generation import generate
 from .losses import token_logprobs
@@ -56,13 +58,31 @@ class Rollout:
 
 
 def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Rollout:
-    """Sample one response per prompt (lists of ids; repeat a prompt for several) with the KV cache."""
-    g = generate(policy, prompts, max_new_tokens, eos_id, pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Rollout:
+    """Sample one response per prompt (lists of ids; repeat a prompt for several) with the KV cache, drawing from
+    ``generator`` (on the policy's device; the global RNG when None)."""
+    g = generate(policy, prompts, max_new_tokens, eos_id, pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                 generator=generator)
     amask = g.attention_mask.clone()
     attn, pos = full_attention(amask)
     return Rollout(g.tokens.clone(), attn, pos, g.prompt_len, g.response_mask.clone().float(), g.finished.clone(),
                    amask)
+
+
+def iteration_generator(device: torch.device, seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The random stream of one RL iteration (its sampling and its minibatch order) on ``device``: a generator
+    seeded from ``(seed, step, rank)`` alone (``step``: the optimizer steps before the iteration), so a run
+    resumed from a checkpoint draws what the uninterrupted run drew, with no RNG state to save, and DDP processes
+    draw independently."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint64)
+    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def minibatches(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Row indices ``0..n-1`` in a random order from ``generator``, split into minibatches of ``size`` (the
+    last one smaller when ``size`` does not divide ``n``), on the generator's device."""
+    return torch.randperm(n, generator=generator, device=generator.device).split(size)
 
 
 def response_hidden(model: GPT, r: Rollout) -> torch.Tensor:
@@ -171,8 +191,9 @@ class PhaseTimer:
 @dataclass
 class RLInputs:
     """What every RL algorithm builds from (the rlhf stage fills it): the policy and its frozen reference (both
-    the SFT model at the start), the reward model and its head, the tokenizer, the data stage's folder, and the
-    plain optimizer arguments (:func:`~llmstages.optim.adamw_with_schedule`)."""
+    the SFT model at the start), the reward model and its head, the tokenizer, the data stage's folder, the
+    plain optimizer arguments (:func:`~llmstages.optim.adamw_with_schedule`), the seed and the run's optimizer
+    steps (``trainer.max_steps``)."""
 
     policy: GPT
     reference: GPT
@@ -183,12 +204,23 @@ class RLInputs:
     optim: dict
     grad_clip: float
     seed: int
+    max_steps: int
+    micro_batches: int = 1  # per optimizer step (trainer.accumulate_grad_batches), where the Trainer steps
     balance_tasks: bool = True
     num_workers: int = 0
 
-    def order(self, tasks: list[str]) -> dict:
-        """DataLoader arguments: task-balanced draws (``balance_tasks``), or a plain shuffle."""
-        return dict(sampler=task_balanced_sampler(tasks, self.seed)) if self.balance_tasks else dict(shuffle=True)
+    def loader(self, dataset, tasks: list[str], batch_size: int, batches: int, **kwargs) -> "TrainLoader":
+        """The training loader of ``batches`` batches of ``dataset``, drawn task-balanced (``balance_tasks``:
+        :func:`~llmstages.data.datasets.task_weights`) or shuffled, in the resumable order of
+        :func:`~llmstages.data.datasets.shuffled_loader`; built per process once the Trainer knows the world."""
+        weights = task_weights(tasks) if self.balance_tasks else None
+        return lambda world_size, rank: shuffled_loader(dataset, batches, self.seed, world_size, rank,
+                                                        batch_size=batch_size, weights=weights, **kwargs)
+
+    def iterations(self, updates_per_iteration: int) -> int:
+        """Iterations of an algorithm that steps the optimizer ``updates_per_iteration`` times per iteration
+        needed for the run's ``max_steps`` optimizer steps."""
+        return math.ceil(self.max_steps / updates_per_iteration)
 
     def reward(self, s) -> RewardFn:
         """The sequence reward that settings ``s`` (``reward``, ``exact_match_weight``, ``verifiable_tasks``) name."""
@@ -199,9 +231,10 @@ class RLInputs:
         """The modules the reward of ``s`` runs (frozen, moved to the device with the LightningModule)."""
         return (self.reward_model, self.reward_head) if "model" in s.reward else ()
 
-    def prompts(self, s, per_iteration: int, name: str) -> DataLoader:
-        """The training prompts (``prompts_train.jsonl``) in batches of ``per_iteration``, each cut to leave room
-        for ``s.max_new_tokens`` in the policy's context.
+    def prompts(self, s, per_iteration: int, name: str, updates_per_iteration: int) -> "TrainLoader":
+        """The training prompts (``prompts_train.jsonl``) in batches of ``per_iteration``, one per iteration of
+        ``updates_per_iteration`` optimizer steps, each cut to leave room for ``s.max_new_tokens`` in the
+        policy's context.
 
         Raises:
             ValueError: when ``max_new_tokens`` leaves fewer than 4 prompt tokens (``rlhf.<name>.max_new_tokens``).
@@ -211,18 +244,24 @@ class RLInputs:
             raise ValueError(f"rlhf.{name}.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in the "
                              f"policy's context of {self.policy.cfg.max_seq_len} tokens")
         prompts = PromptDataset(read_jsonl(self.data_dir / "prompts_train.jsonl", PROMPT_FIELDS), self.tok, max_prompt)
-        return DataLoader(prompts, batch_size=per_iteration, drop_last=True, collate_fn=collate_prompts,
-                          **self.order([p["task"] for p in prompts.items]))
+        return self.loader(prompts, [p["task"] for p in prompts.items], per_iteration,
+                           self.iterations(updates_per_iteration), collate_fn=collate_prompts,
+                           num_workers=self.num_workers)
+
+
+TrainLoader = Callable[[int, int], Any]
+"""``(world_size, rank) -> DataLoader``: a process's training loader, made once the Trainer is built."""
 
 
 @dataclass
 class RLRun:
-    """What an algorithm's ``build`` gives the rlhf stage: the LightningModule and its loaders, the head saved with
+    """What an algorithm's ``build`` gives the rlhf stage: the LightningModule, its training loader (a
+    :data:`TrainLoader`, made per process) and validation loader, the head saved with
     the policy (PPO's value head when it lives on the policy), and the algorithm's own final metrics, computed
     after training from the Trainer (all processes call it)."""
 
     module: Any  # a LightningModule with a ``policy`` and a ``timer`` (PhaseTimer)
-    train_dl: DataLoader
+    train_dl: TrainLoader
     val_dl: DataLoader | None = None
     saved_head: ScalarHead | None = None
     final_metrics: Callable[[Any], dict] = field(default=lambda trainer: {})

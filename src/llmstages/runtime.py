@@ -23,7 +23,8 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true
 def check_trainer(t, runs_here: bool, manual_optimization: str = "") -> list[tuple[str, str]]:
     """Every check of a stage's ``trainer`` settings ``t``, as ``(key, message)`` problems (empty: all good).
 
-    Values alone: positive step counts and intervals, a known accelerator and precision, at least one device
+    Values alone: positive step counts and intervals, a known accelerator and precision, ``deterministic`` one
+    of false, true and "warn", at least one device
     and node, and no ``accumulate_grad_batches`` where the stage steps the optimizer itself (Lightning's manual
     optimization; ``manual_optimization`` names who does, e.g. "rlhf.algorithm=ppo", whose minibatch size sets
     the step instead). Where the stage is about to
@@ -49,6 +50,8 @@ def check_trainer(t, runs_here: bool, manual_optimization: str = "") -> list[tup
     if str(t.precision) not in PRECISIONS:
         problems.append(("precision", f"unknown value {t.precision!r}; expected auto, 32-true, bf16-mixed, 16-mixed, "
                                       "bf16-true, 16-true or 64-true (transformer-engine on GPUs with it installed)"))
+    if t.deterministic not in (False, True, "warn"):
+        problems.append(("deterministic", f"expected false, true or warn, got {t.deterministic!r}"))
     if manual_optimization and t.accumulate_grad_batches > 1:
         problems.append(("accumulate_grad_batches", f"is {t.accumulate_grad_batches}, but {manual_optimization} steps "
                          "the optimizer itself (manual optimization) and cannot accumulate micro-batches: set it to 1 "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, WeightedRandomSampler
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .jsonio import read_jsonl  # noqa: F401  (re-exported for the stages)
@@ -316,23 +316,41 @@ class PromptDataset(Dataset):
 
 
 class ShuffledPasses(Sampler[int]):
-    """The indices a training run reads: successive passes over a dataset of ``n`` items, pass ``p`` in the
-    order ``torch.randperm(n)`` drawn from a generator seeded with ``seed + p``, cut after ``num_samples``
-    indices per process; process ``rank`` of ``world_size`` takes every ``world_size``-th index of that stream.
+    """The indices a training run reads: successive passes of ``n`` draws each over a dataset of ``n`` items,
+    cut after ``num_samples`` indices per process; process ``rank`` of ``world_size`` takes every
+    ``world_size``-th index of that stream.
+
+    Pass ``p`` draws from a generator seeded with ``seed + p``: a permutation (``torch.randperm(n)``), or, with
+    ``weights`` ``(n,)``, ``n`` draws with replacement in proportion to them (``torch.multinomial``; e.g.
+    :func:`task_weights`, so that every task is drawn equally often in expectation).
 
     The order depends on ``(seed, position)`` alone, and one sampler spans the whole run (Lightning sees one
     epoch of ``max_steps`` batches; a pass over the data may end inside a batch), so a resumed run fast-forwards
     to its position and reads what the uninterrupted run would, including across the end of a pass. Under DDP
     the W processes' batches of a step are together the batch of ``W * batch_size`` that one process reads.
+
+    Raises:
+        ValueError: if ``weights`` does not hold ``n`` non-negative values with a positive sum.
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+    def __init__(self, n: int, num_samples: int, seed: int, world_size: int = 1, rank: int = 0,
+                 weights: torch.Tensor | None = None) -> None:
+        if weights is not None and (weights.shape != (n,) or bool((weights < 0).any()) or not float(weights.sum()) > 0):
+            raise ValueError(f"sampling weights must be {n} non-negative values with a positive sum, got shape "
+                             f"{tuple(weights.shape)}")
         self.n, self.num_samples, self.seed, self.world_size, self.rank = n, num_samples, seed, world_size, rank
+        self.weights = None if weights is None else weights.double()
+
+    def _pass(self, p: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + p)
+        if self.weights is None:
+            return torch.randperm(self.n, generator=g).tolist()
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
 
     def __iter__(self):
         produced, i, p = 0, 0, 0  # indices this process yielded; position in the global stream; pass
         while produced < self.num_samples:
-            for idx in torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + p)).tolist():
+            for idx in self._pass(p):
                 if i % self.world_size == self.rank:
                     yield idx
                     produced += 1
@@ -346,22 +364,22 @@ class ShuffledPasses(Sampler[int]):
 
 
 def shuffled_loader(dataset: Dataset, steps: int, seed: int, world_size: int = 1, rank: int = 0, *, batch_size: int,
-                    **kwargs) -> StatefulDataLoader:
-    """The training batches of a run of ``steps`` micro-batches: :class:`ShuffledPasses` over ``dataset`` in a
-    ``StatefulDataLoader``, whose position is saved in each checkpoint (a plain DataLoader restarts its epoch on
-    resume, and a ``RandomSampler`` draws its order from the global RNG, which a resumed process does not
-    have). ``kwargs`` go to the loader (``collate_fn``, ``num_workers``)."""
-    sampler = ShuffledPasses(len(dataset), steps * batch_size, seed, world_size, rank)
+                    weights: torch.Tensor | None = None, **kwargs) -> StatefulDataLoader:
+    """The training batches of a run of ``steps`` micro-batches: :class:`ShuffledPasses` over ``dataset`` (drawn
+    in proportion to ``weights`` when given) in a ``StatefulDataLoader``, whose position is saved in each
+    checkpoint (a plain DataLoader restarts its epoch on resume, and a ``RandomSampler`` draws its order from the
+    global RNG, which a resumed process does not have). ``kwargs`` go to the loader (``collate_fn``,
+    ``num_workers``)."""
+    sampler = ShuffledPasses(len(dataset), steps * batch_size, seed, world_size, rank, weights)
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
 
 
-def task_balanced_sampler(tasks: list[str], seed: int) -> WeightedRandomSampler:
-    """Draws ``len(tasks)`` items per epoch with replacement, every task equally often in expectation (item
-    weight ``1 / count(its task)``), seeded: a task with few rows (``explain``) is not drowned by a large one
-    (``arithmetic``)."""
+def task_weights(tasks: list[str]) -> torch.Tensor:
+    """Sampling weights ``(len(tasks),)`` under which every task is drawn equally often in expectation (item
+    weight ``1 / count(its task)``): a task with few rows (``explain``) is not drowned by a large one
+    (``arithmetic``). For :func:`shuffled_loader`."""
     counts = Counter(tasks)
-    weights = torch.tensor([1.0 / counts[t] for t in tasks], dtype=torch.double)
-    return WeightedRandomSampler(weights, len(tasks), replacement=True, generator=torch.Generator().manual_seed(seed))
+    return torch.tensor([1.0 / counts[t] for t in tasks], dtype=torch.double)
 
 
 def collate_prompts(batch) -> list[dict]:

@@ -20,6 +20,7 @@ pairs and on the held-out preference pairs.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -33,8 +34,8 @@ from ..data.datasets import PreferenceDataset, collate_pairs
 from ..data.formats import read_canonical
 from ..evaluation import pair_logprobs
 from ..losses import best_worst_pairs, dpo_loss
-from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, outside_inference, penalised_rewards, response_logprobs,
-                       rollout_stats, sample)
+from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
+                       penalised_rewards, response_logprobs, rollout_stats, sample)
 from ..model import GPT, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
 from .stage import log_encoding
@@ -100,8 +101,9 @@ class OnlineDPOModule(DPOModule):
     ``minibatch_size`` pairs (one optimizer step each; pairs without a preference weigh nothing)."""
 
     def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, dpo: DPOSchema, grad_clip: float,
-                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int) -> None:
+                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int, seed: int = 0) -> None:
         super().__init__(policy, reference, optim, dpo)
+        self.seed = seed  # each iteration draws from iteration_generator(seed, step): resumable with no RNG state
         self.automatic_optimization = False  # several optimizer steps per iteration
         self.grad_clip, self.reward_fn = grad_clip, reward_fn
         self.reward_modules = torch.nn.ModuleList(reward_modules)  # used by reward_fn; moved to the device
@@ -109,13 +111,13 @@ class OnlineDPOModule(DPOModule):
         self.eos_id, self.pad_id = eos_id, pad_id
 
     @torch.no_grad()
-    def rollout(self, batch: list[dict]) -> dict:
-        """Sampled groups, their scores ``(P*G,)``, and per pair ``(P,)``: the chosen and rejected row indices,
+    def rollout(self, batch: list[dict], generator: torch.Generator | None = None) -> dict:
+        """Sampled groups (drawn from ``generator``), their scores ``(P*G,)``, and per pair ``(P,)``: the chosen and rejected row indices,
         whether the pair expresses a preference, and the reference's summed log-probabilities of both."""
         c, G = self.c, self.c.samples_per_prompt
         with self.timer("generation"):
             r = sample(self.policy, [b["prompt_ids"] for b in batch for _ in range(G)], c.max_new_tokens,
-                       self.eos_id, self.pad_id, c.temperature, c.top_k, c.top_p)
+                       self.eos_id, self.pad_id, c.temperature, c.top_k, c.top_p, generator)
         with self.timer("scoring"), torch.inference_mode():
             score = penalised_rewards(self.reward_fn, r, [b for b in batch for _ in range(G)], c.missing_eos_penalty)
             chosen, rejected, valid = best_worst_pairs(score, G)
@@ -126,12 +128,14 @@ class OnlineDPOModule(DPOModule):
         return dict(r=r, **outside_inference(scored))
 
     def training_step(self, batch, batch_idx):
-        c, ro = self.c, self.rollout(batch)
+        c = self.c
+        g = iteration_generator(self.device, self.seed, self.global_step, self.global_rank)
+        ro = self.rollout(batch, g)
         r, stats = ro["r"], []
         n_pairs = len(ro["chosen"])
         with self.timer("optimisation"):
             for _ in range(c.epochs):
-                for idx in torch.randperm(n_pairs).split(c.minibatch_size):
+                for idx in minibatches(n_pairs, c.minibatch_size, g):
                     mb = r.rows(torch.cat([ro["chosen"][idx], ro["rejected"][idx]]))
                     logp, _ = response_logprobs(self.policy, mb)
                     pi_c, pi_r = (logp * mb.mask).sum(1).chunk(2)
@@ -159,11 +163,12 @@ def build(s: DPOSchema, x: RLInputs) -> RLRun:
     log_encoding("dpo", **{k: d.stats for k, d in pairs.items()})
     if s.pairs == "offline":
         module = DPOModule(x.policy, x.reference, x.optim, s)
-        train = DataLoader(pairs["train"], drop_last=True, **x.order(pairs["train"].tasks), **kw)
+        train = x.loader(pairs["train"], pairs["train"].tasks, s.batch_size, x.max_steps * x.micro_batches,
+                         collate_fn=kw["collate_fn"], num_workers=x.num_workers)
     else:
         module = OnlineDPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
-                                 eos_id=x.tok.eos_id, pad_id=x.tok.pad_id)
-        train = x.prompts(s, s.prompts_per_step, "dpo")
+                                 eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed)
+        train = x.prompts(s, s.prompts_per_step, "dpo", s.epochs * math.ceil(s.prompts_per_step / s.minibatch_size))
     val = DataLoader(pairs["val"], **kw)
 
     def final_metrics(trainer) -> dict:  # over all held-out pairs, not the limit_val_batches of training

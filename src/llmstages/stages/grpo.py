@@ -9,12 +9,14 @@ KL(π || π_ref), averaged over each response's tokens and then over responses. 
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 
 from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
-from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, outside_inference, penalised_rewards, response_logprobs,
-                       rollout_stats, sample)
+from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
+                       penalised_rewards, response_logprobs, rollout_stats, sample)
 from ..config import GRPOSchema
 from ..model import GPT, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
@@ -24,9 +26,10 @@ class GRPOModule(L.LightningModule):
     """One training step = one GRPO iteration over ``len(batch)`` prompts x ``group_size`` samples."""
 
     def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, grpo: GRPOSchema, grad_clip: float,
-                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int) -> None:
+                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int, seed: int = 0) -> None:
         super().__init__()
         self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
+        self.seed = seed  # each iteration draws from iteration_generator(seed, step): resumable with no RNG state
         self.reward_modules = torch.nn.ModuleList(reward_modules)  # used by reward_fn; moved to the device
         freeze(reference, *reward_modules)
         self.optim, self.c, self.grad_clip = optim, grpo, grad_clip
@@ -35,14 +38,15 @@ class GRPOModule(L.LightningModule):
         self.automatic_optimization = False
 
     @torch.no_grad()
-    def rollout(self, batch: list[dict]) -> dict:
-        """``group_size`` samples per prompt (groups consecutive), their rewards ``(B*G,)`` and advantages."""
+    def rollout(self, batch: list[dict], generator: torch.Generator | None = None) -> dict:
+        """``group_size`` samples per prompt (groups consecutive; drawn from ``generator``), their rewards
+        ``(B*G,)`` and advantages."""
         c, G = self.c, self.c.group_size
         prompts = [b["prompt_ids"] for b in batch for _ in range(G)]
         rows = [b for b in batch for _ in range(G)]
         with self.timer("generation"):
             r = sample(self.policy, prompts, c.max_new_tokens, self.eos_id, self.pad_id, c.temperature,
-                       c.top_k, c.top_p)
+                       c.top_k, c.top_p, generator)
         with self.timer("scoring"), torch.inference_mode():
             logp, logits = response_logprobs(self.policy, r)
             ref_logp, _ = response_logprobs(self.reference, r)
@@ -54,12 +58,13 @@ class GRPOModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         c = self.c
-        ro = self.rollout(batch)
+        g = iteration_generator(self.device, self.seed, self.global_step, self.global_rank)
+        ro = self.rollout(batch, g)
         r, stats = ro["r"], []
         n = r.tokens.shape[0]
         with self.timer("optimisation"):
             for _ in range(c.epochs):
-                for idx in torch.randperm(n).split(c.minibatch_size):
+                for idx in minibatches(n, c.minibatch_size, g):
                     mb = r.rows(idx)
                     logp, _ = response_logprobs(self.policy, mb)
                     loss, clipfrac, kl = grpo_loss(logp, ro["logp"][idx], ro["ref_logp"][idx], ro["adv"][idx], mb.mask,
@@ -80,5 +85,6 @@ class GRPOModule(L.LightningModule):
 def build(s: GRPOSchema, x: RLInputs) -> RLRun:
     """GRPO on batches of ``s.prompts_per_step`` training prompts, ``s.group_size`` samples each."""
     module = GRPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
-                        eos_id=x.tok.eos_id, pad_id=x.tok.pad_id)
-    return RLRun(module, x.prompts(s, s.prompts_per_step, "grpo"))
+                        eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed)
+    updates = s.epochs * math.ceil(s.prompts_per_step * s.group_size / s.minibatch_size)
+    return RLRun(module, x.prompts(s, s.prompts_per_step, "grpo", updates))

@@ -13,14 +13,15 @@ optimization runs those updates inside ``training_step``; ``trainer.max_steps`` 
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import torch
 
 from ..losses import (adaptive_kl_coef, gae, kl_estimate, masked_mean, normalise_scores, ppo_policy_loss,
                       token_entropy, value_loss, whiten)
-from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, outside_inference, penalised_rewards, response_hidden,
-                       response_logprobs, rollout_stats, sample)
+from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
+                       penalised_rewards, response_hidden, response_logprobs, rollout_stats, sample)
 from ..config import PPOSchema
 from ..model import GPT, ScalarHead, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
@@ -31,7 +32,7 @@ class PPOModule(L.LightningModule):
     ``ppo_epochs * len(batch) / minibatch_size`` optimizer steps."""
 
     def __init__(self, policy: GPT, reference: GPT, reward_fn: RewardFn, optim: dict, ppo: PPOSchema, grad_clip: float,
-                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int,
+                 reward_modules: tuple[torch.nn.Module, ...] = (), *, eos_id: int, pad_id: int, seed: int = 0,
                  critic: GPT | None = None, critic_head: ScalarHead | None = None) -> None:
         super().__init__()
         # Value model: a separate critic (e.g. initialised from the reward model, as in Ouyang et al. 2022), or,
@@ -44,6 +45,7 @@ class PPOModule(L.LightningModule):
         self.optim, self.c, self.grad_clip = optim, ppo, grad_clip
         self.register_buffer("kl_coef", torch.tensor(float(ppo.kl_coef)))  # adapted in place; checkpointed
         self.eos_id, self.pad_id = eos_id, pad_id  # generation stops at EOS; finished rows are filled with PAD
+        self.seed = seed  # each iteration draws from iteration_generator(seed, step): resumable with no RNG state
         self.timer = PhaseTimer()
         self.automatic_optimization = False
 
@@ -55,12 +57,12 @@ class PPOModule(L.LightningModule):
         return logp, logits, self.value_head(response_hidden(self.critic, r)).float()
 
     @torch.no_grad()
-    def rollout(self, batch: list[dict]) -> dict:
-        """Sample, score and compute per-token rewards, advantages and returns ``(B, N)``."""
+    def rollout(self, batch: list[dict], generator: torch.Generator | None = None) -> dict:
+        """Sample (from ``generator``), score and compute per-token rewards, advantages and returns ``(B, N)``."""
         c = self.c
         with self.timer("generation"):
             r = sample(self.policy, [b["prompt_ids"] for b in batch], c.max_new_tokens, self.eos_id, self.pad_id,
-                       c.temperature, c.top_k, c.top_p)
+                       c.temperature, c.top_k, c.top_p, generator)
         with self.timer("scoring"), torch.inference_mode():
             logp, logits, values = self.logprobs_and_values(r)
             ref_logp, _ = response_logprobs(self.reference, r)
@@ -81,11 +83,12 @@ class PPOModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         c = self.c
-        ro = self.rollout(batch)
+        g = iteration_generator(self.device, self.seed, self.global_step, self.global_rank)
+        ro = self.rollout(batch, g)
         r, B, stats = ro["r"], len(batch), []
         with self.timer("optimisation"):
             for _ in range(c.ppo_epochs):
-                for idx in torch.randperm(B).split(c.minibatch_size):
+                for idx in minibatches(B, c.minibatch_size, g):
                     mb = r.rows(idx)
                     logp, _, values = self.logprobs_and_values(mb)
                     pg_loss, clipfrac = ppo_policy_loss(logp, ro["logp"][idx], ro["adv"][idx], mb.mask, c.clip_range)
@@ -119,6 +122,7 @@ def build(s: PPOSchema, x: RLInputs) -> RLRun:
         critic = dict(critic=copy.deepcopy(x.reward_model).requires_grad_(True).train(),
                       critic_head=copy.deepcopy(x.reward_head).requires_grad_(True).train())
     module = PPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
-                       eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, **critic)
-    return RLRun(module, x.prompts(s, s.rollout_batch_size, "ppo"),
+                       eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed, **critic)
+    updates = s.ppo_epochs * math.ceil(s.rollout_batch_size / s.minibatch_size)
+    return RLRun(module, x.prompts(s, s.rollout_batch_size, "ppo", updates),
                  saved_head=module.value_head if module.critic is None else None)

@@ -142,6 +142,10 @@ class Stage:
     def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
         """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``.
 
+        Training loaders are made per process by the stage (each reads its share of one resumable order, e.g.
+        :func:`~llmstages.data.datasets.shuffled_loader`), so Lightning does not replace their samplers
+        (``use_distributed_sampler=False``); under DDP every process scores the whole validation set.
+
         Besides the tracking loggers, every metric the stage logs goes to ``out_dir/curves/`` as DVC plot files
         (:func:`~llmstages.tracking.curve_logger`; continued when the run resumes from its checkpoint).
 
@@ -168,6 +172,7 @@ class Stage:
                       accumulate_grad_batches=t.accumulate_grad_batches, enable_progress_bar=t.enable_progress_bar,
                       gradient_clip_val=self.cfg.optim.grad_clip or None, logger=[*self.loggers, curves],
                       callbacks=cbs, enable_model_summary=False, num_sanity_val_steps=0,
+                      use_distributed_sampler=False, deterministic=t.deterministic,
                       default_root_dir=str(self.ckpt_dir))
         kwargs.update(overrides)
         return L.Trainer(**kwargs)
