@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sft_loss(model, head, c):
-    return SFTModule(model, {})._loss(c)
+    return SFTModule(model, {}).token_losses(c).mean()
 
 
 def reward_loss(model, head, c):

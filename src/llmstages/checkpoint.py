@@ -67,7 +67,7 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
     if with_head:
         if not head_sd:
             raise ValueError(f"{path / WEIGHTS} has no scalar head (expected a reward-model output)")
-        head = ScalarHead(cfg.d_model)
+        head = ScalarHead(cfg.d_model, bias="linear.bias" in head_sd)  # reward heads have none
         head.load_state_dict(head_sd)
     meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
     return model, head, meta

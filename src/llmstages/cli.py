@@ -35,6 +35,7 @@ other commands:
   params      compose conf/config.yaml (+ overrides) into params.yaml, as DVC does
   generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
   compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/loss
+  export      a stage output as a Hugging Face checkpoint           e.g. llmstages export outputs/rlhf exported/rlhf
 
 Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show,
   dvc exp run --queue -S 'pretrain.optim.lr=1e-3,3e-4' then dvc queue start (a grid), dvc plots show.
@@ -342,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra_mode(cmd, rest)
     if cmd == "params":
         return _params_cmd(rest)
-    if cmd in ("generate", "compare"):
+    if cmd in ("generate", "compare", "export"):
         from . import commands
 
-        return commands.generate_cmd(rest) if cmd == "generate" else commands.compare_cmd(rest)
+        return {"generate": commands.generate_cmd, "compare": commands.compare_cmd, "export": commands.export_cmd}[cmd](rest)
     print(f"llmstages: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

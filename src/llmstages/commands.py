@@ -49,9 +49,8 @@ def generate_cmd(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .checkpoint import load_output
+    from .export import load_model
     from .generation import generate
-    from .tokenizer import load_tokenizer
 
     table = Table(title="llmstages generate", show_lines=True)
     table.add_column("model")
@@ -59,10 +58,9 @@ def generate_cmd(argv: list[str]) -> int:
     table.add_column("response")
     for path in models:
         try:
-            model, _, _ = load_output(path)
+            model, _, tok = load_model(path)  # a stage output or a Hugging Face Llama folder
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"llmstages generate: {err}")
-        tok = load_tokenizer(path)
         gen = torch.Generator().manual_seed(args.seed)
         g = generate(model, [tok.encode_prompt(p) for p in args.prompt], args.max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
@@ -115,4 +113,28 @@ def compare_cmd(argv: list[str]) -> int:
         if os.environ.get("LLMSTAGES_DEBUG"):
             raise
         sys.exit(f"llmstages compare: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    return 0
+
+
+def export_cmd(argv: list[str]) -> int:
+    """``llmstages export``: a stage output as a Hugging Face checkpoint (:func:`llmstages.export.export_hf`)."""
+    parser = argparse.ArgumentParser(
+        prog="llmstages export", description="Write a stage output as a Hugging Face transformers checkpoint (Llama "
+        "architecture, no custom code): AutoModelForCausalLM / AutoTokenizer load it; a reward model loads as "
+        "AutoModelForSequenceClassification. The chat template is in tokenizer_config.json "
+        "(apply_chat_template gives llmstages' prompt ids).",
+        epilog="example: llmstages export outputs/rlhf exported/rlhf  then in Python: "
+               "AutoModelForCausalLM.from_pretrained('exported/rlhf')")
+    parser.add_argument("output", help="a stage output folder, e.g. outputs/sft, outputs/rlhf, outputs/reward")
+    parser.add_argument("folder", help="the folder to write (created; files of the same names are replaced)")
+    args = parser.parse_args(argv)
+    if Path(args.folder).resolve() == Path(args.output).resolve():
+        sys.exit("llmstages export: the folder to write must differ from the stage output")
+    from .export import export_hf
+
+    try:
+        folder = export_hf(args.output, args.folder)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"llmstages export: {err}")
+    print(f"exported {args.output} -> {folder} (transformers: AutoModelForCausalLM.from_pretrained('{folder}'))")
     return 0

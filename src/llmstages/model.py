@@ -254,13 +254,18 @@ class GPT(nn.Module):
 
 
 class ScalarHead(nn.Module):
-    """A linear map from hidden states ``(B, T, D)`` to one scalar per position ``(B, T)``: value or reward head."""
+    """A linear map from hidden states ``(B, T, D)`` to one scalar per position ``(B, T)``: value or reward head.
 
-    def __init__(self, d_model: int) -> None:
+    A reward head has no ``bias``: the Bradley–Terry loss depends only on score differences, so a bias gets no
+    gradient but rounding noise, which Adam turns into steps of the learning rate's size (and Llama's score
+    head, :mod:`llmstages.export`, has none)."""
+
+    def __init__(self, d_model: int, bias: bool = True) -> None:
         super().__init__()
-        self.linear = nn.Linear(d_model, 1)
+        self.linear = nn.Linear(d_model, 1, bias=bias)
         nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(d_model + 1))
-        nn.init.zeros_(self.linear.bias)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h).squeeze(-1)

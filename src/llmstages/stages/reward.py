@@ -15,12 +15,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load_output, save_output
+from ..checkpoint import save_output
+from ..export import load_model
 from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free, shuffled_loader
 from ..data.formats import read_canonical
 from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
-from ..tokenizer import load_tokenizer
 from ..callbacks import is_log_step
 from ..model import GPT, ScalarHead, last_token_index
 from ..optim import StepMean, adamw_with_schedule, optim_kwargs, param_groups
@@ -34,7 +34,7 @@ class RewardModule(L.LightningModule):
 
     def __init__(self, model: GPT, optim: dict, compile: bool = False) -> None:
         super().__init__()
-        self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model), optim
+        self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model, bias=False), optim
         self.hidden_fn = CompiledCall(model.hidden, compile)
         self.step_mean = StepMean()
 
@@ -89,9 +89,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Train a reward model from ``init_from`` on ``<data_dir>/pref_train.jsonl``; return the metrics."""
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
-    model, _, _ = load_output(init)
+    model, _, tok = load_model(init)  # a stage output, or a Hugging Face Llama folder
     check_positions("reward", model.cfg.max_seq_len, init, max_len=cfg.max_len)
-    tok = load_tokenizer(init)
     train, val = (PreferenceDataset(read_canonical(path, "preference"), tok, cfg.max_len, cfg.long_prompt, str(path))
                   for path in (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl"))
     log_encoding("reward", train=train.stats, val=val.stats)

@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load_output, save_output
+from ..checkpoint import save_output
+from ..export import load_model
 from ..data.datasets import PROMPT_FIELDS, read_jsonl
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy, probe_answers,
                           probe_rewards, reward_scores, task_balanced, win_rate)
@@ -26,7 +27,6 @@ from ..model import GPT, ScalarHead
 from ..optim import optim_kwargs
 from ..rollout import RLInputs, RLRun, response_logprobs, sample
 from ..runtime import is_rank_zero, seed_everything
-from ..tokenizer import load_tokenizer
 from . import dpo, grpo, ppo
 from .stage import Stage, check_positions
 
@@ -34,10 +34,13 @@ log = logging.getLogger("llmstages")
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int) -> float:
+def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int, seed: int = 0) -> float:
     """Mean KL(policy || reference) per response, in nats: the k3 estimate (unbiased, never negative) summed over
-    the tokens of one response sampled from ``policy`` (temperature 1) per prompt, averaged over prompts."""
-    r = sample(policy, [tok.encode_prompt(p) for p in prompts], max_new_tokens, tok.eos_id, tok.pad_id)
+    the tokens of one response sampled from ``policy`` (temperature 1, a generator seeded with ``seed``) per
+    prompt, averaged over prompts."""
+    generator = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
+    r = sample(policy, [tok.encode_prompt(p) for p in prompts], max_new_tokens, tok.eos_id, tok.pad_id,
+               generator=generator)
     logp, _ = response_logprobs(policy, r)
     ref_logp, _ = response_logprobs(reference, r)
     return float((kl_estimate(logp, ref_logp, "k3") * r.mask).sum(1).mean())
@@ -63,8 +66,10 @@ name (``rlhf.ppo``: :class:`~llmstages.config.PPOSchema`, ...)."""
 def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
           data_dir: Path) -> RLRun:
     """The LightningModule of ``cfg.algorithm`` with its loaders (:class:`~llmstages.rollout.RLRun`)."""
+    t = cfg.trainer
     inputs = RLInputs(policy, reference, reward_model, reward_head, tok, data_dir, optim_kwargs(cfg),
-                      cfg.optim.grad_clip, cfg.trainer.seed, cfg.balance_tasks, cfg.num_workers)
+                      cfg.optim.grad_clip, t.seed, t.max_steps, t.accumulate_grad_batches, cfg.balance_tasks,
+                      cfg.num_workers)
     return ALGORITHMS[cfg.algorithm](OmegaConf.to_object(cfg[cfg.algorithm]), inputs)
 
 
@@ -74,12 +79,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if cfg.trainer.compile:
         log.warning("trainer.compile: not used by rlhf (rollout shapes change every step); running eagerly")
     data_dir, sft_dir, rm_dir = Path(cfg.data_dir), Path(cfg.policy_from), Path(cfg.reward_from)
-    policy, _, _ = load_output(sft_dir)
+    policy, _, tok = load_model(sft_dir)  # stage outputs, or Hugging Face Llama folders
     lengths = {k: cfg[cfg.algorithm][k] for k in ("max_len", "max_new_tokens") if k in cfg[cfg.algorithm]}
     check_positions(f"rlhf.{cfg.algorithm}", policy.cfg.max_seq_len, sft_dir, **lengths)
-    reference, _, _ = load_output(sft_dir)
-    reward_model, reward_head, _ = load_output(rm_dir, with_head=True)
-    tok = load_tokenizer(sft_dir)
+    reference, _, _ = load_model(sft_dir)
+    reward_model, reward_head, _ = load_model(rm_dir, with_head=True)
     algo = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     module = algo.module
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
@@ -92,7 +96,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     stage = Stage("rlhf", cfg, out_dir, inputs=[data_dir, sft_dir, rm_dir])
     manual = {} if module.automatic_optimization else {"gradient_clip_val": None}  # the module clips itself
     trainer = stage.trainer(**manual, **({} if algo.val_dl else {"limit_val_batches": 0}))
-    resumed = stage.fit(trainer, module, algo.train_dl, algo.val_dl)
+    resumed = stage.fit(trainer, module, algo.train_dl(trainer.world_size, trainer.global_rank), algo.val_dl)
     if trainer.is_global_zero:
         log.info("rlhf (%s) time: %s", cfg.algorithm, module.timer.summary())
     extra = algo.final_metrics(trainer)
@@ -103,7 +107,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     prompts = [r["prompt"] for r in rows]
     metrics = {**{f"rlhf_{k}": v for k, v in rl_m.items()}, **{f"sft_{k}": v for k, v in sft_m.items()},
                **{k.replace("_rate", "_rate_vs_sft", 1): v for k, v in wins.items()},
-               "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new), "sft_kl_to_ref": 0.0,
+               "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new, cfg.trainer.seed),
+               "sft_kl_to_ref": 0.0,
                "algorithm": cfg.algorithm, "steps": trainer.global_step, "resumed_from_step": resumed,
                **extra, **{f"time_{k}_s": round(v, 1) for k, v in module.timer.seconds.items()}}
     samples = out_dir / "samples.md"

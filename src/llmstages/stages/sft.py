@@ -18,14 +18,14 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from ..checkpoint import load_output, save_output
+from ..checkpoint import save_output
+from ..export import load_model
 from ..data.datasets import (PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl,
                              shuffled_loader)
 from ..data.formats import read_canonical
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
                           probe_answers)
 from ..losses import token_cross_entropy
-from ..tokenizer import load_tokenizer
 from ..callbacks import is_log_step
 from ..model import GPT
 from ..optim import StepMean, adamw_with_schedule, optim_kwargs, param_groups
@@ -96,9 +96,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Fine-tune the model in ``init_from`` on ``<data_dir>/sft_train.jsonl``; return the metrics."""
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
-    model, _, _ = load_output(init)
+    model, _, tok = load_model(init)  # a stage output, or a Hugging Face Llama folder
     check_positions("sft", model.cfg.max_seq_len, init, max_len=cfg.max_len)
-    tok = load_tokenizer(init)
     train, val = (SFTDataset(read_canonical(path, "sft"), tok, cfg.max_len, cfg.long_prompt, cfg.packing, str(path))
                   for path in (data_dir / "sft_train.jsonl", data_dir / "sft_val.jsonl"))
     log_encoding("sft", train=train.stats, val=val.stats)

@@ -1,0 +1,166 @@
+"""Hugging Face interchange: stage outputs exported as `transformers` Llama checkpoints load with no custom code
+and compute what llmstages computes; a random `LlamaForCausalLM` folder made with `transformers` (with its own
+tokenizer) is fine-tuned by the stages and exports back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, compose
+from llmstages.checkpoint import load_output
+from llmstages.evaluation import reward_scores
+from llmstages.generation import generate
+from llmstages.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
+MESSAGES = [{"role": "user", "content": "What's 12 + 7?"}]
+
+
+def export(output: Path, folder: Path) -> None:
+    """``llmstages export`` as a user runs it."""
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    p = subprocess.run([LLMSTAGES, "export", str(output), str(folder)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"-> {folder}" in p.stdout
+
+
+def prompt_ids(hf_tok) -> list[int]:
+    out = hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("stage", ["sft", "rlhf"])
+def test_exported_causal_lm_loads_in_transformers_with_our_logits_tokens_and_chat_template(tiny_run, tmp_path, stage):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work, _ = tiny_run
+    export(work / "outputs" / stage, tmp_path / "hf")
+    model, _, _ = load_output(work / "outputs" / stage)
+    tok = load_tokenizer(work / "outputs" / stage)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+
+    ids = tok.encode_prompt(MESSAGES)
+    assert prompt_ids(hf_tok) == ids  # the chat template in tokenizer_config.json gives our prompt ids
+    x = torch.tensor([ids, tok.encode_chat([*MESSAGES, {"role": "assistant", "content": "19"}])[0][: len(ids)]])
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max() < 1e-4
+
+    n = 8  # greedy continuation: the same tokens, up to and including EOS
+    g = generate(model, [ids], n, tok.eos_id, tok.pad_id, temperature=0.0)
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_id,
+                      pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    ours_tokens = [t for t, m in zip(g.responses[0].tolist(), g.response_mask[0].tolist()) if m]
+    assert out[: len(ours_tokens)] == ours_tokens
+    meta = json.loads((tmp_path / "hf/llmstages.json").read_text())
+    assert meta["stage"] == stage
+
+
+def test_exported_reward_model_scores_as_ours(tiny_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    work, _ = tiny_run
+    export(work / "outputs/reward", tmp_path / "hf")
+    model, head, _ = load_output(work / "outputs/reward", with_head=True)
+    tok = load_tokenizer(work / "outputs/reward")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    rows = [tok.encode_chat([*MESSAGES, {"role": "assistant", "content": a}])[0] for a in ("19", "It is 19, a sum.")]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        ours = reward_scores(model, head, tokens, mask)
+        theirs = hf(input_ids=tokens, attention_mask=mask).logits[:, 0]
+    assert hf.config.num_labels == 1 and hf_tok.pad_token_id == tok.pad_id
+    assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(ours[0], ours[1])
+
+
+def random_llama(folder: Path, corpus: Path) -> int:
+    """A random tiny ``LlamaForCausalLM`` saved by ``transformers`` with a tokenizer of its own (BPE with
+    ``<s>``/``</s>`` and no chat-role tokens), as a user would have on disk. Returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = corpus.read_text(encoding="utf-8", errors="ignore")[:200_000].splitlines()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         rope_theta=500.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return tok.get_vocab_size()
+
+
+def test_stages_fine_tune_a_transformers_llama_and_export_it_back(tiny_run, tmp_path, monkeypatch):
+    """sft, then a reward model and offline DPO, from a random LlamaForCausalLM folder: our model computes its
+    logits (round trip within 1e-5, chat-role tokens added to its vocabulary), every stage trains, and the DPO
+    policy exports back and loads in transformers with our logits."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from llmstages.cli import run_stage
+    from llmstages.export import import_hf
+
+    work, _ = tiny_run
+    base = tmp_path / "llama"
+    vocab = random_llama(base, work / "outputs/data/sft_train.jsonl")
+    model, _, tok = import_hf(base)
+    assert model.cfg.vocab_size == tok.vocab_size == vocab + 3  # <|system|>, <|user|>, <|assistant|> added
+    assert model.cfg.rope_theta == 500.0 and tok.eos == "</s>"
+    x = torch.tensor([tok.encode("What's 12 + 7? 19")])
+    with torch.no_grad():
+        theirs = LlamaForCausalLM.from_pretrained(base).eval()(x).logits
+        assert (model(x)[..., :vocab] - theirs).abs().max() < 1e-5
+
+    monkeypatch.chdir(tmp_path)
+    data = f"data_dir={work}/outputs/data"
+    common = ["logger=none", "trainer.max_steps=6", "trainer.val_check_interval=3"]
+    sft = run_stage("sft", compose("sft", [*TINY["sft"], data, f"init_from={base}", *common]), "outputs/sft",
+                    source="test")
+    assert 0 < sft["val_loss"] < float("inf")
+    run_stage("reward", compose("reward", [*TINY["reward"], data, "init_from=outputs/sft", *common]),
+              "outputs/reward", source="test")
+    rl = [*[a for a in TINY["rlhf"] if "every_n_steps" not in a], data, "policy_from=outputs/sft",
+          "reward_from=outputs/reward", "algorithm=dpo", "dpo.pairs=offline", "logger=none", "trainer.max_steps=4"]
+    metrics = run_stage("rlhf", compose("rlhf", rl), "outputs/rlhf", source="test")
+    assert metrics["steps"] == 4
+
+    export(tmp_path / "outputs/rlhf", tmp_path / "back")
+    policy, _, _ = load_output(tmp_path / "outputs/rlhf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    rope = getattr(hf.config, "rope_parameters", None) or {"rope_theta": hf.config.rope_theta}
+    assert hf.config.vocab_size == vocab + 3 and rope["rope_theta"] == 500.0
+    with torch.no_grad():
+        assert (policy(x) - hf(x).logits).abs().max() < 1e-4
+        assert not torch.allclose(policy(x)[..., :vocab], theirs, atol=1e-3)  # it was trained
+
+
+def test_import_refuses_llama_variants_our_model_lacks(tmp_path):
+    from transformers import LlamaConfig
+
+    from llmstages.export import import_hf
+
+    LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        import_hf(tmp_path)
