@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import STAGES  # noqa: F401  (part of this module's API)
 from .data.corpus import FORMATS as CORPUS_FORMATS  # data.data.corpus_format
 from .data.datasets import LONG_PROMPT_POLICIES
+from .lora import LoRA, check_lora
 from .losses import KL_ESTIMATORS
 from .model import GPTConfig
 from .runtime import check_trainer
@@ -38,6 +39,7 @@ def _every_field_given(cls: type) -> type:
 
 
 ModelSchema = _every_field_given(GPTConfig)  # the model section is the architecture itself (conf/model/)
+LoRASchema = _every_field_given(LoRA)  # conf/lora/
 
 
 @dataclass
@@ -163,23 +165,24 @@ class PretrainSchema(TrainStageSchema):
 
 
 @dataclass
-class SFTSchema(TrainStageSchema):
+class FineTuneSchema(TrainStageSchema):  # sft and reward: a model loaded from init_from, trained on chat rows
     init_from: str = MISSING
+    lora: LoRASchema = field(default_factory=LoRASchema)
     max_len: int = MISSING
     long_prompt: str = MISSING  # truncate_left | drop
-    packing: bool = MISSING
     padding_free: bool = MISSING
+
+
+@dataclass
+class SFTSchema(FineTuneSchema):
+    packing: bool = MISSING
     eval_max_new_tokens: int = MISSING
     eval_limit: int = MISSING
     objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
 @dataclass
-class RewardSchema(TrainStageSchema):
-    init_from: str = MISSING
-    max_len: int = MISSING
-    long_prompt: str = MISSING
-    padding_free: bool = MISSING
+class RewardSchema(FineTuneSchema):
     objective: ObjectiveSchema = field(default_factory=ObjectiveSchema)
 
 
@@ -251,6 +254,7 @@ class RLHFSchema:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     probes: ProbesSchema = field(default_factory=ProbesSchema)
+    lora: LoRASchema = field(default_factory=LoRASchema)
     data_dir: str = MISSING
     policy_from: str = MISSING
     reward_from: str = MISSING
@@ -321,6 +325,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
     if "probes" in cfg and cfg.probes.max_new_tokens < 1:
         bad("probes.max_new_tokens", f"expected at least 1, got {cfg.probes.max_new_tokens} "
             "(to skip the probes, set probes.prompts=[])")
+    for key, msg in check_lora(cfg.lora) if "lora" in cfg else []:
+        bad(key, msg)
     if "logger" in cfg:
         for b in cfg.logger.backends:
             if b not in BACKENDS:
@@ -336,6 +342,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
                     "ppo.reward_clip"):
             if OmegaConf.select(cfg, key) < 0:
                 bad(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
+        if cfg.dpo.beta <= 0:
+            bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
         if not 0 <= cfg.dpo.label_smoothing < 0.5:
             bad("dpo.label_smoothing", f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
         if cfg.algorithm not in ALGORITHMS:
@@ -363,18 +371,13 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             bad("dpo.minibatch_size", "must divide dpo.prompts_per_step (one pair per prompt)")
         online_dpo = cfg.algorithm == "dpo" and cfg.dpo.pairs == "online"
         if cfg.algorithm in ("ppo", "grpo") or online_dpo:  # one training step (an iteration): several optimizer steps
-            c = cfg[cfg.algorithm]
-            if cfg.algorithm == "ppo":
-                per_iter = c.ppo_epochs * c.rollout_batch_size // c.minibatch_size
-            elif cfg.algorithm == "grpo":
-                per_iter = c.epochs * c.prompts_per_step * c.group_size // c.minibatch_size
-            else:
-                per_iter = c.epochs * c.prompts_per_step // c.minibatch_size
+            c = cfg[cfg.algorithm]  # samples per iteration x passes over them, in minibatches
+            samples = {"ppo": lambda: c.ppo_epochs * c.rollout_batch_size, "dpo": lambda: c.epochs * c.prompts_per_step,
+                       "grpo": lambda: c.epochs * c.prompts_per_step * c.group_size}[cfg.algorithm]()
+            per_iter = samples // c.minibatch_size
             if cfg.trainer.max_steps % per_iter:
                 bad("trainer.max_steps", f"counts optimizer steps, {per_iter} per {cfg.algorithm} iteration: use a "
                                          f"multiple of {per_iter}, got {cfg.trainer.max_steps}")
-        if cfg.dpo.beta <= 0:
-            bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
     for key in ("long_prompt", "dpo.long_prompt"):
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in LONG_PROMPT_POLICIES:

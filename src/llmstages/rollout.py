@@ -208,6 +208,7 @@ class RLInputs:
     micro_batches: int = 1  # per optimizer step (trainer.accumulate_grad_batches), where the Trainer steps
     balance_tasks: bool = True
     num_workers: int = 0
+    lora: dict | None = None  # add_lora's arguments when the policy trains LoRA adapters (then also a PPO critic)
 
     def loader(self, dataset, tasks: list[str], batch_size: int, batches: int, **kwargs) -> "TrainLoader":
         """The training loader of ``batches`` batches of ``dataset``, drawn task-balanced (``balance_tasks``:

@@ -23,6 +23,7 @@ from ..losses import (adaptive_kl_coef, gae, kl_estimate, masked_mean, normalise
 from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
                        penalised_rewards, response_hidden, response_logprobs, rollout_stats, sample)
 from ..config import PPOSchema
+from ..lora import add_lora
 from ..model import GPT, ScalarHead, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
 
@@ -121,6 +122,8 @@ def build(s: PPOSchema, x: RLInputs) -> RLRun:
     if s.value_model == "reward_model":
         critic = dict(critic=copy.deepcopy(x.reward_model).requires_grad_(True).train(),
                       critic_head=copy.deepcopy(x.reward_head).requires_grad_(True).train())
+        if x.lora:  # with LoRA, the critic trains adapters (and its head) too
+            add_lora(critic["critic"], **x.lora)
     module = PPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
                        eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed, **critic)
     updates = s.ppo_epochs * math.ceil(s.rollout_batch_size / s.minibatch_size)

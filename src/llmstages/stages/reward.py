@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import save_output
+from ..lora import LoRA, add_lora, parameter_counts, unload
 from ..export import load_model
 from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free, shuffled_loader
 from ..data.formats import read_canonical
@@ -90,6 +91,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, tok = load_model(init)  # a stage output, or a Hugging Face Llama folder
+    lora = LoRA(**cfg.lora)
+    if lora.on:  # only the adapters (and the new score head) train
+        add_lora(model, **lora.kwargs())
     check_positions("reward", model.cfg.max_seq_len, init, max_len=cfg.max_len)
     train, val = (PreferenceDataset(read_canonical(path, "preference"), tok, cfg.max_len, cfg.long_prompt, str(path))
                   for path in (data_dir / "pref_train.jsonl", data_dir / "pref_val.jsonl"))
@@ -112,10 +116,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 writes the output
-    metrics = {"val_accuracy": final["val/accuracy"], **accuracy_by_task(module, val_dl, val.tasks),
+    metrics = {**parameter_counts(module.model, module.head), "val_accuracy": final["val/accuracy"], **accuracy_by_task(module, val_dl, val.tasks),
                "val_loss": final["val/loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
     stage.log_probes(probes, probe_texts, probe_rewards(module.model, module.head, probe_gen))
-    save_output(out_dir, module.model, tok, stage.meta(metrics=metrics), head=module.head)
+    save_output(out_dir, unload(module.model, out_dir), tok, stage.meta(metrics=metrics), head=module.head)
     return stage.finish(metrics)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from ..checkpoint import save_output
+from ..lora import AdaptersOff, LoRA, add_lora, parameter_counts, unload
 from ..export import load_model
 from ..data.datasets import PROMPT_FIELDS, read_jsonl
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy, probe_answers,
@@ -66,10 +67,10 @@ name (``rlhf.ppo``: :class:`~llmstages.config.PPOSchema`, ...)."""
 def build(cfg: DictConfig, policy: GPT, reference: GPT, reward_model: GPT, reward_head: ScalarHead, tok,
           data_dir: Path) -> RLRun:
     """The LightningModule of ``cfg.algorithm`` with its loaders (:class:`~llmstages.rollout.RLRun`)."""
-    t = cfg.trainer
+    t, lora = cfg.trainer, LoRA(**cfg.lora)
     inputs = RLInputs(policy, reference, reward_model, reward_head, tok, data_dir, optim_kwargs(cfg),
                       cfg.optim.grad_clip, t.seed, t.max_steps, t.accumulate_grad_batches, cfg.balance_tasks,
-                      cfg.num_workers)
+                      cfg.num_workers, lora.kwargs() if lora.on else None)
     return ALGORITHMS[cfg.algorithm](OmegaConf.to_object(cfg[cfg.algorithm]), inputs)
 
 
@@ -82,7 +83,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     policy, _, tok = load_model(sft_dir)  # stage outputs, or Hugging Face Llama folders
     lengths = {k: cfg[cfg.algorithm][k] for k in ("max_len", "max_new_tokens") if k in cfg[cfg.algorithm]}
     check_positions(f"rlhf.{cfg.algorithm}", policy.cfg.max_seq_len, sft_dir, **lengths)
-    reference, _, _ = load_model(sft_dir)
+    lora = LoRA(**cfg.lora)
+    if lora.on:  # the policy trains adapters only; the reference is the policy with them off (no second copy)
+        reference = AdaptersOff(add_lora(policy, **lora.kwargs()))
+    else:
+        reference, _, _ = load_model(sft_dir)
     reward_model, reward_head, _ = load_model(rm_dir, with_head=True)
     algo = build(cfg, policy, reference, reward_model, reward_head, tok, data_dir)
     module = algo.module
@@ -110,6 +115,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new, cfg.trainer.seed),
                "sft_kl_to_ref": 0.0,
                "algorithm": cfg.algorithm, "steps": trainer.global_step, "resumed_from_step": resumed,
+               **parameter_counts(policy),
                **extra, **{f"time_{k}_s": round(v, 1) for k, v in module.timer.seconds.items()}}
     samples = out_dir / "samples.md"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,5 +127,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     probes = list(cfg.probes.prompts)
     probe_texts, probe_gen = probe_answers(policy, tok, probes, cfg.probes.max_new_tokens, chat=True)
     stage.log_probes(probes, probe_texts, probe_rewards(reward_model, reward_head, probe_gen))
-    save_output(out_dir, policy, tok, stage.meta(metrics=metrics), head=algo.saved_head)
+    save_output(out_dir, unload(policy, out_dir), tok, stage.meta(metrics=metrics), head=algo.saved_head)
     return stage.finish(metrics, artifacts=[samples])

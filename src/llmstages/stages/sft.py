@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from ..checkpoint import save_output
+from ..lora import LoRA, add_lora, parameter_counts, unload
 from ..export import load_model
 from ..data.datasets import (PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl,
                              shuffled_loader)
@@ -97,6 +98,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     seed_everything(cfg.trainer.seed)
     data_dir, init = Path(cfg.data_dir), Path(cfg.init_from)
     model, _, tok = load_model(init)  # a stage output, or a Hugging Face Llama folder
+    lora = LoRA(**cfg.lora)
+    if lora.on:  # only the adapters train
+        add_lora(model, **lora.kwargs())
     check_positions("sft", model.cfg.max_seq_len, init, max_len=cfg.max_len)
     train, val = (SFTDataset(read_canonical(path, "sft"), tok, cfg.max_len, cfg.long_prompt, cfg.packing, str(path))
                   for path in (data_dir / "sft_train.jsonl", data_dir / "sft_val.jsonl"))
@@ -124,7 +128,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return {}  # another DDP process: rank 0 evaluates and writes the output
     # the final validation above scored the held-out answers of the final model: only the pairs are left
     after = {**module.heldout_scores, **preference_accuracy(module.model, *pairs)}
-    metrics = {**after, **{f"init_{k}": v for k, v in before.items()},
+    metrics = {**after, **{f"init_{k}": v for k, v in before.items()}, **parameter_counts(module.model),
                "val_loss": val_loss,
                "train_examples": train.stats.kept, "train_sequences": len(train), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
@@ -132,5 +136,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         lg.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=module.global_step)
     probes = list(cfg.probes.prompts)
     stage.log_probes(probes, probe_answers(module.model, tok, probes, cfg.probes.max_new_tokens, chat=True)[0])
-    save_output(out_dir, module.model, tok, stage.meta(metrics=metrics))
+    save_output(out_dir, unload(module.model, out_dir), tok, stage.meta(metrics=metrics))
     return stage.finish(metrics)

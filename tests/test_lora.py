@@ -1,0 +1,78 @@
+"""LoRA through peft (`lora.r > 0`): in sft, reward and each RL algorithm only the adapters train (and a new
+head where the stage has one); the saved output is the base model with the adapters merged, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, compose
+from llmstages.checkpoint import load_output
+from llmstages.lora import AdaptersOff, add_lora, merge_lora
+from llmstages.model import GPT, GPTConfig
+
+LORA = ["lora.r=4", "lora.alpha=8"]
+
+
+def test_adapters_start_at_the_base_model_switch_off_and_merge_exactly():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16))
+    x = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        base = model(x)
+    add_lora(model, r=4, alpha=8.0, dropout=0.0, target_modules=["qkv", "down"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0] for n in trainable} == {f"blocks.{i}.{m}" for i in (0, 1) for m in ("attn.qkv", "mlp.down")}
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # B starts at zero
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+        adapted = model(x)
+        assert not torch.allclose(adapted, base)
+        assert torch.equal(AdaptersOff(model)(x), base)  # the reference: the base model, same weights
+        assert torch.equal(model(x), adapted) and all(model.get_parameter(n).requires_grad for n in trainable)
+    merge_lora(model)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+def check_only_adapters_trained(out, base_dir, lora_r=4, alpha=8.0):
+    """The output's weights are the base's plus (alpha / r) B A in every adapted layer, the base's elsewhere;
+    every B moved from its initial zero."""
+    merged, _, _ = load_output(out)
+    base, _, _ = load_output(base_dir)
+    adapter = load_file(out / "adapter/adapter_model.safetensors")
+    layers = {k.split(".lora_")[0] for k in adapter}
+    assert layers and len(adapter) == 2 * len(layers)
+    m, b = merged.state_dict(), base.state_dict()
+    for name in m:
+        layer = name.rsplit(".weight", 1)[0]
+        if layer in layers:
+            A, B = adapter[f"{layer}.lora_A.weight"], adapter[f"{layer}.lora_B.weight"]
+            assert B.abs().max() > 0, f"{layer}: adapter B never trained"
+            assert torch.allclose(m[name], b[name] + (alpha / lora_r) * B @ A, atol=1e-6), name
+        else:
+            assert torch.equal(m[name], b[name]), f"{name} changed: only adapters should train"
+
+
+@pytest.mark.parametrize("stage, extra", [("sft", []), ("reward", []), ("rlhf", ["algorithm=dpo"]),
+                                          ("rlhf", ["algorithm=ppo"]), ("rlhf", ["algorithm=grpo"])])
+def test_each_stage_trains_only_the_adapters(tiny_run, tmp_path, monkeypatch, stage, extra):
+    from llmstages.cli import run_stage
+
+    work, _ = tiny_run
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("LLMSTAGES_PIPELINE_RUN", "lora-test")
+    base_dir = work / "outputs" / {"sft": "pretrain", "reward": "sft", "rlhf": "sft"}[stage]
+    args = [*TINY[stage], *LORA, *extra, "logger=none"]
+    args += [f"init_from={base_dir}"] if stage != "rlhf" else [f"policy_from={base_dir}"]
+    metrics = run_stage(stage, compose(stage, args), str(tmp_path / "out"), source="test")
+    check_only_adapters_trained(tmp_path / "out", base_dir)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 5
+    if stage == "reward":  # the score head trains too; the reward model scores with it
+        _, head, _ = load_output(tmp_path / "out", with_head=True)
+        assert head is not None and head.linear.bias is None
