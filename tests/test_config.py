@@ -57,6 +57,7 @@ def compositions(path: Path) -> list[tuple[str, list[str]]]:
         "model": [("pretrain", [f"model={name}"])],
         "data": [("data", [f"data={name}"])],
         **{g: [(s, [f"{g}={name}"]) for s in TRAINING] for g in ("optim", "trainer", "logger", "probes")},
+        "lora": [(s, [f"lora={name}"]) for s in ("sft", "reward", "rlhf")],
     }
     assert group in table, f"conf/{rel}: a config folder that this test does not compose yet; add it to the table"
     return table[group]
