@@ -1,6 +1,6 @@
 """Exact resume: a stage killed with `kill -9` and started again with the same command continues from its last
 checkpoint and trains on the batches the uninterrupted run would: the same loss at every step, the same final
-metrics, and one point per step in its MLflow run."""
+metrics, and one point per step in each tracker: MLflow, CSV, W&B offline and the DVC curves."""
 
 from __future__ import annotations
 
@@ -53,6 +53,46 @@ def kill_after_first_checkpoint(args: list[str], cwd: Path, env: dict, every: in
     assert list(ckpts.glob("*/last.ckpt")), "no checkpoint was written before the kill"
 
 
+KILL_HOOK = '''
+"""Test hook (PYTHONPATH): SIGKILL this process group at its optimizer step number LLMSTAGES_TEST_KILL_AT_STEP,
+after that step's forward and backward (in PPO, GRPO and online DPO: after the iteration's rollout) and before the
+parameters change; LLMSTAGES_TEST_KILL_WAIT seconds later (W&B writes its file once a second)."""
+import os
+import signal
+import time
+
+import torch
+
+_at, _calls = int(os.environ["LLMSTAGES_TEST_KILL_AT_STEP"]), [0]
+_step = torch.optim.AdamW.step
+
+
+def step(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == _at:
+        time.sleep(float(os.environ.get("LLMSTAGES_TEST_KILL_WAIT", "0")))
+        os.killpg(0, signal.SIGKILL)
+    return _step(self, *args, **kwargs)
+
+
+torch.optim.AdamW.step = step
+'''
+
+
+def run_killed_at_step(args: list[str], cwd: Path, env: dict, at: int, wait: float = 0.0) -> None:
+    """Run ``llmstages <args>`` in its own process group with :data:`KILL_HOOK`: SIGKILLed (the process and its
+    helpers, as ``kill -9`` of a job does) at its optimizer step ``at``, ``wait`` seconds into that step."""
+    hook = cwd / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    killed = subprocess.run([LLMSTAGES, *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                            start_new_session=True,
+                            env={**env, "LLMSTAGES_TEST_KILL_AT_STEP": str(at), "LLMSTAGES_TEST_KILL_WAIT": str(wait),
+                                 "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list((cwd / "outputs/checkpoints").glob("*/last.ckpt")), "no checkpoint was written before the kill"
+
+
 def resume_and_run_straight(args: list[str], resumed_args: list[str], cwd: Path, env: dict) -> tuple[dict, dict]:
     """Rerun the killed command (it must say it resumes), run the same stage uninterrupted into
     ``outputs/straight``; return both runs' ``metrics.json``."""
@@ -92,8 +132,12 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
         assert per_epoch < steps  # the run goes on into the second epoch
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env.update(LLMSTAGES_CONF=str(ROOT / "conf"), LLMSTAGES_PIPELINE_RUN="resume-test")
-    resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow"]
-    kill_after_first_checkpoint(resumed_args, tmp_path, env, every)
+    backends = "[mlflow,csv,wandb]" if stage == "pretrain" else "[mlflow,csv]"
+    resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow", f"logger.backends={backends}"]
+    if stage == "pretrain":  # a kill by the step hook, once W&B has written its file
+        run_killed_at_step(resumed_args, tmp_path, env, at=every + 3, wait=2.5)
+    else:
+        kill_after_first_checkpoint(resumed_args, tmp_path, env, every)
     assert not (tmp_path / "outputs/resumed/metrics.json").exists(), "the run ended before the kill"
     resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
     assert resumed["resumed_from_step"] == every and straight["resumed_from_step"] == 0
@@ -107,30 +151,42 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(logged) == list(range(steps))  # one point per step across the kill
+    (table,) = (tmp_path / "outputs/csv" / stage).glob("*/metrics.csv")  # the resumed run appended to it
+    with open(table, newline="") as fh:
+        logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert logged == list(range(steps))
+    if stage == "pretrain":  # W&B: the killed run's offline records and the resumed run's, each step once
+        logged = [int(float(row["trainer/global_step"])) for row in wandb_history(tmp_path / "outputs/wandb")
+                  if "train/loss" in row]
+        assert sorted(logged) == list(range(steps))
 
 
-KILL_HOOK = '''
-"""Test hook (PYTHONPATH): SIGKILL this process at its optimizer step number LLMSTAGES_TEST_KILL_AT_STEP, after
-that step's forward and backward (in PPO, GRPO and online DPO: after the iteration's rollout) and before the
-parameters change."""
-import os
-import signal
+def wandb_history(folder: Path) -> list[dict[str, str]]:
+    """The history rows (``{key: JSON value}``) of every offline W&B run under ``folder``: each
+    ``run-<id>.wandb`` file is a LevelDB-style log (7-byte file header, 32 KiB blocks of records with a 7-byte
+    header: CRC, length, type 1 full / 2 first / 3 middle / 4 last) of ``wandb_internal_pb2.Record`` messages."""
+    import struct
 
-import torch
+    from wandb.proto import wandb_internal_pb2
 
-_at, _calls = int(os.environ["LLMSTAGES_TEST_KILL_AT_STEP"]), [0]
-_step = torch.optim.AdamW.step
-
-
-def step(self, *args, **kwargs):
-    _calls[0] += 1
-    if _calls[0] == _at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _step(self, *args, **kwargs)
-
-
-torch.optim.AdamW.step = step
-'''
+    out = []
+    for path in sorted(folder.glob("offline-run-*/run-*.wandb")):
+        data, pos, block, chunk = path.read_bytes(), 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # too little left in the block for a header: padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                break
+            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):
+                rec = wandb_internal_pb2.Record()
+                rec.ParseFromString(chunk)
+                chunk = b""
+                if rec.WhichOneof("record_type") == "history":
+                    out.append({i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item})
+    return out
 
 
 def curves(out: Path) -> dict[str, dict[int, float]]:
@@ -164,15 +220,8 @@ def test_killed_rlhf_resumes_exactly(tiny_run, tmp_path, algorithm):
         args.append("ppo.kl_target=1.0")  # the adaptive KL coefficient, a checkpointed buffer, changes each iteration
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env.update(LLMSTAGES_CONF=str(ROOT / "conf"), LLMSTAGES_PIPELINE_RUN="resume-test")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_HOOK)
     resumed_args = [*args, "out_dir=outputs/resumed", "logger=mlflow"]
-    killed = subprocess.run([LLMSTAGES, *resumed_args], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env={**env, "LLMSTAGES_TEST_KILL_AT_STEP": "5",
-                                 "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert list((tmp_path / "outputs/checkpoints").glob("rlhf-*/last.ckpt"))
+    run_killed_at_step(resumed_args, tmp_path, env, at=5)
     resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 12
     got, want = curves(tmp_path / "outputs/resumed"), curves(tmp_path / "outputs/straight")

@@ -101,8 +101,8 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
     ``<wandb_dir>/wandb/offline-run-*`` and are uploaded later with ``wandb sync``. With ``parent``
     (``("pipeline_run", id)`` or ``("sweep", folder)``), the MLflow run is nested under the parent run of that
     pipeline execution or sweep (see :func:`parent_run`).
-    ``resume`` (``{"mlflow": run id, "wandb": run id}`` of an interrupted run of the same stage) continues
-    those tracking runs instead of opening new ones.
+    ``resume`` (:func:`run_ids` of an interrupted run of the same stage) continues those tracking runs (and
+    the CSV file) instead of opening new ones.
 
     Raises:
         ValueError: for an unknown backend name.
@@ -135,22 +135,40 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
             mode = wandb_mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
             Path(project_path(wandb_dir)).mkdir(parents=True, exist_ok=True)
             extra = {"id": resume["wandb"], "resume": "allow"} if resume.get("wandb") else {}
+            import wandb
+
+            if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
+                # the run's file is written every second, not every 15: a killed run loses at most that much
+                extra["settings"] = wandb.Settings(x_transaction_log_flush_interval=1.0)
             loggers.append(WandbLogger(project=wandb_project, name=run_name, group=tags.get("pipeline_run"),
                                        job_type=stage, tags=[stage], save_dir=project_path(wandb_dir), mode=mode,
                                        **extra))
         elif backend == "csv":
             from lightning.pytorch.loggers import CSVLogger
 
-            loggers.append(CSVLogger(save_dir=csv_dir, name=stage, version=run_name))
+            log_dir = Path(resume.get("csv") or Path(csv_dir) / stage / run_name)
+            kept = (log_dir / "metrics.csv").read_text(encoding="utf-8") if (log_dir / "metrics.csv").is_file() \
+                and resume.get("csv") else None
+            # Every logged step is written at once (not every 100), so that a killed run's rows are on disk.
+            lg = CSVLogger(save_dir=str(log_dir.parent.parent), name=log_dir.parent.name, version=log_dir.name,
+                           flush_logs_every_n_steps=1)
+            if kept:  # Lightning's writer deletes an existing metrics.csv: a resumed run appends to it instead
+                writer = lg.experiment
+                (log_dir / "metrics.csv").write_text(kept, encoding="utf-8")
+                writer.metrics_keys = kept.splitlines()[0].split(",")
+            loggers.append(lg)
         else:
             raise ValueError(f"logger.backends: unknown backend {backend!r}")
     return loggers
 
 
 def run_ids(loggers: list) -> dict[str, str]:
-    """``{"mlflow": run id, "wandb": run id}`` of the tracking runs behind ``loggers`` (for resuming them)."""
+    """``{"mlflow": run id, "wandb": run id, "csv": folder}`` of the tracking runs behind ``loggers`` (for
+    resuming them)."""
     out = {}
     for lg in loggers:
+        if type(lg).__name__ == "CSVLogger":
+            out["csv"] = lg.log_dir
         if type(lg).__name__ == "MLFlowLogger":
             out["mlflow"] = lg.run_id
         elif type(lg).__name__ == "WandbLogger":
@@ -236,40 +254,57 @@ def log_table(loggers: list, name: str, rows: list[dict]) -> None:
             lg.log_table(key=name, columns=cols, data=[[r[c] for c in cols] for r in rows])
 
 
-def logged_steps(loggers: list, curves_dir: str | Path) -> dict[str, int]:
-    """The last step of each metric that an interrupted run already logged: ``{metric: step}`` from the DVC
-    curves under ``curves_dir`` (:func:`curve_logger`'s ``work_dir``) and, for MLflow, from the run's own
-    history (a kill may fall between two trackers' writes)."""
+def logged_steps(lg, curves_dir: str | Path) -> dict[str, int] | None:
+    """The last step of each metric that the tracker ``lg`` holds from an interrupted run, ``{metric: step}``:
+    read from the MLflow run's history, the CSV file, or the DVC curves under ``curves_dir``
+    (:func:`curve_logger`'s ``work_dir``); ``None`` for a tracker that cannot be read back here (W&B)."""
     import csv
 
     last: dict[str, int] = {}
-    root = Path(curves_dir) / "plots" / "metrics"
-    for f in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
-        with open(f, newline="", encoding="utf-8") as fh:
-            steps = [int(r["step"]) for r in csv.DictReader(fh, delimiter="\t")]
-        if steps:
-            last[f.relative_to(root).with_suffix("").as_posix()] = max(steps)
-    for lg in loggers:
-        if type(lg).__name__ == "MLFlowLogger":
-            client, run_id = lg.experiment, lg.run_id
-            for key in client.get_run(run_id).data.metrics:
-                steps = [m.step for m in client.get_metric_history(run_id, key)]
-                last[key] = max([last.get(key, -1), *steps])
+    kind = type(lg).__name__
+    if kind == "MLFlowLogger":
+        client, run_id = lg.experiment, lg.run_id
+        for key in client.get_run(run_id).data.metrics:
+            last[key] = max(m.step for m in client.get_metric_history(run_id, key))
+    elif kind == "CSVLogger":
+        f = Path(lg.log_dir) / "metrics.csv"
+        for r in csv.DictReader(f.read_text(encoding="utf-8").splitlines()) if f.is_file() else []:
+            for key, value in r.items():
+                if key != "step" and value not in ("", None):
+                    last[key] = max(last.get(key, -1), int(r["step"]))
+    elif kind == "CurveLogger":
+        root = Path(curves_dir) / "plots" / "metrics"
+        for f in sorted(root.rglob("*.tsv")) if root.is_dir() else []:
+            with open(f, newline="", encoding="utf-8") as fh:
+                steps = [int(r["step"]) for r in csv.DictReader(fh, delimiter="\t")]
+            if steps:
+                last[f.relative_to(root).with_suffix("").as_posix()] = max(steps)
+    else:
+        return None
     return last
 
 
-def skip_logged_steps(loggers: list, last: dict[str, int]) -> None:
-    """Make each of ``loggers`` drop a metric at a step it already holds (``last``: :func:`logged_steps`).
+def skip_logged_steps(loggers: list, curves_dir: str | Path) -> None:
+    """Make each of ``loggers`` drop a metric at a step it already holds (:func:`logged_steps`).
 
     A run resumed from its checkpoint at step k repeats the steps between k and the interruption, which its
     trackers already hold with the same values (resume is exact), so each tracker keeps one point per step.
-    Metrics first logged after the resume (the final evaluation, say) go through whatever their step.
+    Each tracker is read on its own (a kill may fall between two trackers' writes); one that cannot be read
+    back (W&B) skips what any other holds. Metrics first logged after the resume (the final evaluation, say)
+    go through whatever their step.
     """
-    if not last:
-        return
-    for lg in loggers:
-        def only_new(metrics: dict, step: int | None = None, _log=lg.log_metrics) -> None:
-            new = {k: v for k, v in metrics.items() if step is None or step > last.get(k, -1)}
+    own = [logged_steps(lg, curves_dir) for lg in loggers]
+    known: dict[str, int] = {}
+    for last in own:
+        for key, step in (last or {}).items():
+            known[key] = max(known.get(key, -1), step)
+    for lg, last in zip(loggers, own):
+        last = known if last is None else last
+        if not last:
+            continue
+
+        def only_new(metrics: dict, step: int | None = None, _log=lg.log_metrics, _last=last) -> None:
+            new = {k: v for k, v in metrics.items() if step is None or step > _last.get(k, -1)}
             if new:
                 _log(new, step)
         lg.log_metrics = only_new

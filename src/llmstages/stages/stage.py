@@ -26,7 +26,7 @@ from ..callbacks import StepProgressBar
 from ..checkpoint import write_json
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
-from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_lineage, log_summary, log_table, logged_steps,
+from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_lineage, log_summary, log_table,
                         make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps, tag_output)
 
 log = logging.getLogger("llmstages")
@@ -162,7 +162,7 @@ class Stage:
         resuming = (self.ckpt_dir / "last.ckpt").is_file()
         curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=resuming)
         if resuming and self.rank_zero:  # the steps after the checkpoint were logged before the interruption
-            skip_logged_steps([*self.loggers, curves], logged_steps(self.loggers, self.ckpt_dir / "curves"))
+            skip_logged_steps([*self.loggers, curves], self.ckpt_dir / "curves")
         if t.enable_progress_bar:
             cbs.append(StepProgressBar(self.name))
         kwargs = dict(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
