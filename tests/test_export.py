@@ -164,3 +164,70 @@ def test_import_refuses_llama_variants_our_model_lacks(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         import_hf(tmp_path)
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    return subprocess.run([LLMSTAGES, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+
+
+def test_bad_exports_and_imports_fail_in_one_line_naming_the_file(tiny_run, tmp_path):
+    """Each bad case exits non-zero before writing anything, in one line that names the path or key at fault."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmstages.export import import_hf
+
+    work, _ = tiny_run
+    sft = tmp_path / "sft"
+    shutil.copytree(work / "outputs/sft", sft)
+    (tmp_path / "afile").write_text("x")
+
+    def refused(*args: str, match: str) -> None:
+        p = run_cli("export", *args)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert match in p.stderr, p.stderr[-2000:]
+
+    refused(str(sft), str(tmp_path / "afile" / "hf"), match=f"{tmp_path / 'afile'} is not a folder")
+    refused(str(sft), str(tmp_path / "afile"), match="is not a folder")
+    other = tmp_path / "other"
+    shutil.copytree(sft, other)
+    refused(str(sft), str(other), match=f"{other} holds a stage output")
+    assert (other / "meta.json").is_file()  # nothing overwritten
+    export(sft, tmp_path / "hf")
+    refused(str(tmp_path / "hf"), str(tmp_path / "hf2"), match="is already a Hugging Face checkpoint")
+    p = run_cli("export", str(work / "outputs/reward"), str(tmp_path / "rm"))
+    assert p.returncode == 0 and "AutoModelForSequenceClassification.from_pretrained" in p.stdout
+
+    broken = tmp_path / "broken"
+    shutil.copytree(sft, broken)
+    (broken / "config.json").write_text('{"d_model": 32,\n "n_layers": }')
+    refused(str(broken), str(tmp_path / "x"), match=f"{broken / 'config.json'}:2:")
+    (broken / "config.json").write_text((sft / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((sft / "model.safetensors").read_bytes()[:1000])
+    refused(str(broken), str(tmp_path / "x"), match=f"{broken / 'model.safetensors'}: cannot be read")
+    assert not (tmp_path / "x").exists()
+
+    # Hugging Face folders: a missing key transformers would default, broken JSON, no or truncated weights.
+    hf = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    with pytest.raises(ValueError, match="hidden_size is missing"):
+        import_hf(hf)
+    (hf / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))
+    with pytest.raises(ValueError, match="hidden_size is '32'"):
+        import_hf(hf)
+    (hf / "config.json").write_text('{"model_type": "llama",,}')
+    with pytest.raises(ValueError, match=r"config.json:1:\d+: not valid JSON"):
+        import_hf(hf)
+    (hf / "config.json").write_text(json.dumps(config))
+    weights = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="transformers cannot load the weights"):
+        import_hf(hf)
+    (hf / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        import_hf(hf)

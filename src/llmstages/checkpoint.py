@@ -27,6 +27,27 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(file: str | Path) -> dict:
+    """A JSON object from ``file``.
+
+    Raises:
+        FileNotFoundError: ``file`` is missing.
+        ValueError: not JSON (naming the file, line and column) or not an object.
+    """
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{file}: not a UTF-8 text file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def save_output(out_dir: str | Path, model: GPT, tokenizer: ChatTokenizer, meta: dict,
                 head: ScalarHead | None = None) -> Path:
     """Write a stage output to ``out_dir`` (created if missing; existing files of the same names replaced)."""
@@ -49,25 +70,37 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
 
     Raises:
         FileNotFoundError: naming the folder and the missing file (e.g. the upstream stage has not run).
-        ValueError: if ``with_head`` and the folder holds no scalar head.
+        ValueError: naming the file: a broken ``config.json``, unreadable weights, weights that do not fit the
+            config; or ``with_head`` and the folder holds no scalar head.
     """
     path = Path(path)
     for name in (WEIGHTS, CONFIG, TOKENIZER):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found: is {path} a stage output (run its stage first)?")
-    cfg = GPTConfig(**json.loads((path / CONFIG).read_text()))
+    fields = read_json(path / CONFIG)
+    try:
+        cfg = GPTConfig(**fields)
+    except (TypeError, ValueError) as err:  # unknown or missing keys, values of the wrong type
+        raise ValueError(f"{path / CONFIG}: not a llmstages model config ({err})") from None
     model = GPT(cfg)
-    tensors = load_file(str(path / WEIGHTS))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as err:  # safetensors' own error type: a truncated or corrupt file
+        raise ValueError(f"{path / WEIGHTS}: cannot be read ({err})") from None
     head_sd = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}
     body_sd = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "embed.weight" in body_sd:
         body_sd["lm_head.weight"] = body_sd["embed.weight"]
-    model.load_state_dict(body_sd)
+    try:
+        model.load_state_dict(body_sd)
+    except RuntimeError as err:  # missing tensors, or shapes that do not fit config.json
+        raise ValueError(f"{path / WEIGHTS} does not fit {path / CONFIG}: "
+                         f"{' '.join(str(err).split())[:300]}") from None
     head = None
     if with_head:
         if not head_sd:
             raise ValueError(f"{path / WEIGHTS} has no scalar head (expected a reward-model output)")
         head = ScalarHead(cfg.d_model, bias="linear.bias" in head_sd)  # reward heads have none
         head.load_state_dict(head_sd)
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    meta = read_json(path / META) if (path / META).is_file() else {}
     return model, head, meta

@@ -6,6 +6,7 @@ outputs, side by side) and ``compare`` (tracked runs side by side). Argument par
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -130,11 +131,15 @@ def export_cmd(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if Path(args.folder).resolve() == Path(args.output).resolve():
         sys.exit("llmstages export: the folder to write must differ from the stage output")
+    from .cli import _check_writable
     from .export import export_hf
 
+    _check_writable("export", Path(args.folder))
     try:
         folder = export_hf(args.output, args.folder)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         sys.exit(f"llmstages export: {err}")
-    print(f"exported {args.output} -> {folder} (transformers: AutoModelForCausalLM.from_pretrained('{folder}'))")
+    auto = "AutoModelForSequenceClassification" if json.loads((folder / "config.json").read_text())[
+        "architectures"] == ["LlamaForSequenceClassification"] else "AutoModelForCausalLM"
+    print(f"exported {args.output} -> {folder} (transformers: {auto}.from_pretrained('{folder}'))")
     return 0

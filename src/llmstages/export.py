@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_output, write_json
+from .checkpoint import load_output, read_json, write_json
 from .model import GPT, GPTConfig, ScalarHead
 from .tokenizer import ChatTokenizer, load_tokenizer
 
@@ -115,12 +115,20 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: ``output`` is not a stage output.
-        ValueError: a reward head with a non-zero bias (it has no place in Llama's score head).
+        ValueError: ``output`` is already a Hugging Face folder, ``folder`` holds a stage output, a file of
+            ``output`` is broken (see :func:`~llmstages.checkpoint.load_output`), or a reward head has a
+            non-zero bias (it has no place in Llama's score head).
     """
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     output, folder = Path(output), Path(folder)
-    meta = json.loads((output / "meta.json").read_text()) if (output / "meta.json").is_file() else {}
+    if is_hf_checkpoint(output):
+        raise ValueError(f"{output} is already a Hugging Face checkpoint ({output / HF_CONFIG}): transformers "
+                         "loads it as it is; export takes a stage output such as outputs/sft")
+    if (folder / "meta.json").is_file() and not (folder / "llmstages.json").is_file():
+        raise ValueError(f"{folder} holds a stage output (meta.json): exporting there would overwrite it; choose "
+                         "another folder")
+    meta = read_json(output / "meta.json") if (output / "meta.json").is_file() else {}
     reward = meta.get("stage") == "reward"
     model, head, _ = load_output(output, with_head=reward)
     if reward and head.linear.bias is not None and float(head.linear.bias.detach().abs().max()) != 0.0:
@@ -154,13 +162,24 @@ def import_hf(folder: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
     """
     from transformers import AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+    from transformers.utils import logging as hf_logging
+
     folder = Path(folder)
     if not (folder / HF_CONFIG).is_file():
         raise FileNotFoundError(f"{folder / HF_CONFIG} not found: not a Hugging Face model folder")
-    c = AutoConfig.from_pretrained(folder, local_files_only=True)
-    if c.model_type != "llama":
-        raise ValueError(f"{folder / HF_CONFIG}: model_type {c.model_type!r} is not supported (llama only: the "
-                         "architecture llmstages trains)")
+    raw = read_json(folder / HF_CONFIG)
+    if raw.get("model_type") != "llama":
+        raise ValueError(f"{folder / HF_CONFIG}: model_type {raw.get('model_type')!r} is not supported (llama only: "
+                         "the architecture llmstages trains)")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not isinstance(raw.get(key), int) or isinstance(raw.get(key), bool) or raw[key] < 1:
+            found = "missing" if key not in raw else f"{raw[key]!r}"
+            raise ValueError(f"{folder / HF_CONFIG}: {key} is {found}; expected a positive integer (transformers "
+                             "would fill in Llama's default and the weights would not fit)")
+    try:
+        c = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{folder / HF_CONFIG}: transformers cannot read it: {str(err).splitlines()[0]}") from None
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
     problems = {"num_key_value_heads": (c.num_key_value_heads or c.num_attention_heads) != c.num_attention_heads,
@@ -176,8 +195,22 @@ def import_hf(folder: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
     cfg = GPTConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, n_layers=c.num_hidden_layers,
                     n_heads=c.num_attention_heads, d_ff=c.intermediate_size, max_seq_len=c.max_position_embeddings,
                     rope_theta=float(theta), tie_embeddings=bool(c.tie_word_embeddings), norm_eps=c.rms_norm_eps)
+    weights = sorted(p.name for p in folder.glob("*.safetensors")) + sorted(p.name for p in folder.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"{folder}: no weights (model.safetensors or pytorch_model.bin) beside {HF_CONFIG}")
     cls = LlamaForSequenceClassification if with_head else LlamaForCausalLM
-    hf = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    hf_logging.disable_progress_bar()  # one stage log, not a "Loading weights" bar per model
+    try:
+        hf, info = cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+    except Exception as err:  # truncated or corrupt file (safetensors' own error type), shapes that do not fit
+        raise ValueError(f"{folder}: transformers cannot load the weights ({', '.join(weights)}): "
+                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    finally:
+        hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", ()) if not (k == "lm_head.weight" and c.tie_word_embeddings)]
+    if missing:  # transformers would start them at random
+        raise ValueError(f"{folder}: the weights ({', '.join(weights)}) lack {len(missing)} tensor(s) of the model, "
+                         f"e.g. {', '.join(sorted(missing)[:3])}")
     sd = hf.state_dict()
     model = GPT(cfg)
     model.load_state_dict(from_llama_state_dict(sd, cfg))
