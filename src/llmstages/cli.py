@@ -34,6 +34,7 @@ stages (Hydra apps: key=value overrides, -m/--multirun sweeps, --cfg job to prin
 other commands:
   params      compose conf/config.yaml (+ overrides) into params.yaml, as DVC does
   generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
+  chat        talk with a model in the terminal (multi-turn)      e.g. llmstages chat outputs/rlhf
   compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/loss
   export      a stage output as a Hugging Face checkpoint           e.g. llmstages export outputs/rlhf exported/rlhf
 
@@ -343,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra_mode(cmd, rest)
     if cmd == "params":
         return _params_cmd(rest)
-    if cmd in ("generate", "compare", "export"):
+    if cmd in ("generate", "chat", "compare", "export"):
         from . import commands
 
-        return {"generate": commands.generate_cmd, "compare": commands.compare_cmd, "export": commands.export_cmd}[cmd](rest)
+        return {"generate": commands.generate_cmd, "chat": commands.chat_cmd, "compare": commands.compare_cmd,
+                "export": commands.export_cmd}[cmd](rest)
     print(f"llmstages: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

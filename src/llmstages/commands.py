@@ -1,6 +1,7 @@
 """The commands of ``llmstages`` besides the stages and ``params``: ``generate`` (answer prompts with stage
-outputs, side by side) and ``compare`` (tracked runs side by side). Argument parsing only; the work is in
-:mod:`llmstages.generation` and :mod:`llmstages.compare`.
+outputs, side by side), ``chat`` (a conversation in the terminal), ``compare`` (tracked runs side by side) and
+``export`` (a Hugging Face checkpoint). Argument parsing only; the work is in :mod:`llmstages.generation`,
+:mod:`llmstages.chat`, :mod:`llmstages.compare` and :mod:`llmstages.export`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,55 @@ def generate_cmd(argv: list[str]) -> int:
         for p, r in zip(args.prompt, g.responses):
             table.add_row(str(path), p, tok.decode(r.tolist()))
     Console().print(table)
+    return 0
+
+
+def chat_cmd(argv: list[str]) -> int:
+    """``llmstages chat``: a multi-turn conversation with one model (:func:`llmstages.chat.chat`)."""
+    from .chat import HELP, Sampling
+
+    d = Sampling()
+    parser = argparse.ArgumentParser(
+        prog="llmstages chat", description="Talk with a model in the terminal: each reply is sampled with the chat "
+        "template from the whole conversation and printed as it comes. " + HELP + ".",
+        epilog="example: llmstages chat outputs/rlhf --temperature 0  (input may also be piped, one message a line)")
+    parser.add_argument("model", nargs="?", help="a stage output or a Hugging Face Llama folder (default: "
+                        "outputs/rlhf, else outputs/sft)")
+    parser.add_argument("--system", help="a system message that starts the conversation")
+    parser.add_argument("--max-new-tokens", type=_number(int, 1), default=d.max_new_tokens,
+                        help="reply length limit in tokens (default: %(default)s)")
+    parser.add_argument("--temperature", type=_number(float, 0), default=d.temperature,
+                        help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=_number(int, 0), default=d.top_k, help="0 = off (default)")
+    parser.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=d.top_p,
+                        help="nucleus mass in (0, 1]; 1 = off (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+    path = args.model or next((f"outputs/{s}" for s in ("rlhf", "sft") if Path(f"outputs/{s}").is_dir()), None)
+    if path is None:
+        sys.exit("llmstages chat: no outputs/rlhf or outputs/sft here; run `dvc repro` or name a model folder")
+    from .chat import chat, read_lines
+    from .export import load_model
+
+    try:
+        model, _, tok = load_model(path)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+        sys.exit(f"llmstages chat: {err}")
+    budget = model.cfg.max_seq_len - args.max_new_tokens
+    if budget < 8:
+        sys.exit(f"llmstages chat: --max-new-tokens {args.max_new_tokens} leaves no room for the conversation in "
+                 f"the model's {model.cfg.max_seq_len}-token context")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    write(f"chatting with {path} ({model.cfg.max_seq_len}-token context, temperature {args.temperature})\n")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        chat(model, tok, sampling, read_lines(sys.stdin), write, system=args.system)
+    except KeyboardInterrupt:
+        write("\n")
     return 0
 
 

@@ -8,6 +8,7 @@ quarter of the running rows have finished, and the loop ends when all rows have 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,11 +84,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 @torch.inference_mode()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> Generation:
+             generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Sample up to ``max_new_tokens`` for each prompt (lists of ids), all in one batch.
 
     ``temperature=0`` is greedy decoding. Runs under ``torch.inference_mode``. When the longest prompt plus
     ``max_new_tokens`` exceeds ``model.cfg.max_seq_len``, fewer tokens are generated (down to none).
+    ``on_token`` (for streaming) is called after each step with that step's ids ``(B,)``, ``pad_id`` in rows
+    that had already finished.
 
     Raises:
         ValueError: if a prompt is empty.
@@ -119,6 +123,8 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, eos_id: 
         nxt = _sample(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         out[rows, t] = nxt
+        if on_token is not None:
+            on_token(out[:, t])
         resp_mask[rows, t] = (~done).long()
         done |= nxt == eos_id
         n_done = int(done.sum())  # the loop's one host synchronisation per token
