@@ -129,7 +129,7 @@ def test_plot(store, capsys, tmp_path):
     uri, _ = store
     png = tmp_path / "curves.png"
     assert main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--experiment", "llmstages",
-                 "--plot", "train/loss", "--plot", "val_loss", "--plot-file", str(png)]) == 0
+                 "--plot", "train/loss", "--plot", "final/val_loss", "--plot-file", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 0 and im.height > 0
@@ -146,6 +146,16 @@ def test_plot(store, capsys, tmp_path):
     assert list(ax.lines[2].get_xdata()) == [0, 10, 20, 30, 40]
     assert list(ax.lines[2].get_ydata()) == [4.0, 3.1, 2.9, 2.8, 2.75]
     assert "pretrain-a, optim.lr=0.001" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    fig = plot_metrics(client, runs, ["train/loss", "final/val_loss"], [r.info.run_name for r in runs])
+    colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes[:2]]
+    assert colours[0] == {k: v for k, v in colours[1].items() if k in colours[0]}  # a run's colour in every panel
+
+    png.unlink()
+    with pytest.raises(SystemExit) as exc:  # a misspelt metric: an error naming what there is, and no PNG
+        main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--plot", "nope", "--plot-file", str(png)])
+    assert str(exc.value.code).startswith("llmstages compare: --plot nope: no run here logged it; these runs have: ")
+    assert "train/loss" in str(exc.value.code) and not png.exists()
 
 
 def test_errors(store, capsys, tmp_path):

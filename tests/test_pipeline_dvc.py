@@ -160,6 +160,10 @@ def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
     used = {r.data.tags.get("dvc_exp_name"): float(r.data.params["optim.lr"]) for r in runs
             if r.data.tags.get("dvc_exp_name") in names and r.info.status == "FINISHED"}
     assert used == lrs  # the value each experiment set is the one its pretrain run trained with
+    for r in runs:  # the commit as MLflow's own tag (the runs table's Version column); the description names the exp
+        assert r.data.tags["mlflow.source.git.commit"] == r.data.tags["git_commit"] != "unknown"
+        if r.data.tags.get("dvc_exp_name") in names:
+            assert f"DVC experiment {r.data.tags['dvc_exp_name']}" in r.data.tags["mlflow.note.content"]
 
     diff = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "diff", "--json", *names], cwd=repo,
                                      capture_output=True, text=True, check=True).stdout)["data"]

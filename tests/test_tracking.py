@@ -73,6 +73,46 @@ def test_mlflow_ui_shows_the_pipeline_execution_as_one_group(tiny_run, tmp_path)
     assert names[parents[0]] == "pipeline-test-pipeline" and names[children["sft"]] == "sft-test-pipeline"
 
 
+def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
+    """After the tiny pipeline: a model-training experiment; every stage run with a description, its data as
+    dataset inputs (name + MD5 digest) and its output as a logged model; the final policy registered; the
+    parent run with each stage's key metric, the RL algorithm and a description."""
+    from mlflow.tracking import MlflowClient
+
+    work, metrics = tiny_run
+    client = MlflowClient(f"sqlite:///{work}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("llmstages")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], "tags.pipeline_run = 'test-pipeline'")
+    stage_runs = {r.data.tags["stage"]: r for r in runs if "stage" in r.data.tags}
+    (parent,) = [r for r in runs if r.data.tags.get("llmstages_role") == "pipeline"]
+    assert set(stage_runs) == set(STAGES)
+    for stage, run in stage_runs.items():
+        assert run.data.tags["mlflow.note.content"].startswith(f"{stage}: ")
+        assert run.data.tags["mlflow.source.name"] == f"llmstages {stage}"
+        names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        if stage != "data":
+            want = {"pretrain": "train.bin", "sft": "sft_train.jsonl", "reward": "pref_train.jsonl",
+                    "rlhf": "prompts_train.jsonl"}[stage]
+            assert want in names, names
+            from llmstages.lineage import file_md5
+
+            assert names[want] == file_md5(work / "outputs/data" / want)[:8]
+            (model,) = client.search_logged_models([exp.experiment_id],
+                                                   filter_string=f"source_run_id = '{run.info.run_id}'")
+            assert model.name == stage and model.tags["output_md5"] == run.data.tags["output_md5"]
+            assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} >= {"config.json",
+                                                                                            "metrics.json"}
+    (version,) = client.search_model_versions("name = 'llmstages-policy'")
+    assert version.run_id == stage_runs["rlhf"].info.run_id
+    assert "dvc repro in the workspace" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.params["rlhf.algorithm"] == "ppo"
+    assert parent.data.metrics["pretrain/val_loss"] == pytest.approx(metrics["pretrain"]["val_loss"])
+    assert parent.data.metrics["sft/exact_match_arithmetic"] == pytest.approx(metrics["sft"]["exact_match_arithmetic"])
+    assert parent.data.metrics["reward/val_accuracy"] == pytest.approx(metrics["reward"]["val_accuracy"])
+    assert parent.data.metrics["rlhf/rlhf_kl_to_ref"] == pytest.approx(metrics["rlhf"]["rlhf_kl_to_ref"])
+
+
 def test_every_training_stage_logs_its_probe_table(tiny_run):
     """probes.json per training stage: the same prompts; the reward model scores the SFT model's answers and
     the RLHF table carries the reward model's score of each policy answer."""

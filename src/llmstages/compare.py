@@ -221,10 +221,10 @@ def plot_metrics(client, runs, metrics: list[str], labels: list[str]):
     fig = Figure(figsize=(8, 1 + 3.5 * len(metrics)), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, name in zip(fig.subplots(len(metrics), 1, squeeze=False)[:, 0], metrics):
-        for run, label in zip(runs, labels):
+        for i, (run, label) in enumerate(zip(runs, labels)):  # a run keeps its colour in every panel
             hist = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: (m.step, m.timestamp))
             if hist:
-                ax.plot([m.step for m in hist], [m.value for m in hist], label=label,
+                ax.plot([m.step for m in hist], [m.value for m in hist], label=label, color=f"C{i % 10}",
                         marker="o" if len(hist) <= 20 else None, markersize=4)
         ax.set(xlabel="step", ylabel=name, title=name)
         ax.grid(alpha=0.3)
@@ -273,8 +273,13 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
         if fmt != "rich":
             print(note, file=sys.stderr)
         if plots:
-            labels = [", ".join([run_name(r), *origin(r), *(f"{k}={r.data.params.get(k)}" for k in params[:3])])
-                      for r in runs]
+            logged = sorted(set().union(*(r.data.metrics for r in runs)))
+            unknown = [m for m in plots if m not in logged]
+            if unknown:
+                raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it; these runs have: "
+                                   f"{', '.join(m for m in logged if not m.startswith('final/'))}")
+            labels = [", ".join([run_name(r), *origin(r), *(f"{k}={r.data.params[k]}" for k in params[:3]
+                                                            if k in r.data.params)]) for r in runs]
             plot_metrics(client, runs, plots, labels).savefig(plot_file, dpi=120)
             print(f"wrote {plot_file}", file=sys.stderr)
     except MlflowException as err:

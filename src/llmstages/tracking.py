@@ -94,7 +94,7 @@ BACKENDS = ("mlflow", "wandb", "csv")  # logger.backends
 def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[str, str], experiment: str,
                  mlflow_tracking_uri: str, mlflow_artifact_location: str, wandb_project: str,
                  wandb_mode: str | None, wandb_dir: str, csv_dir: str, parent: tuple[str, str] | None = None,
-                 resume: dict[str, str] | None = None) -> list:
+                 resume: dict[str, str] | None = None, description: str = "") -> list:
     """Lightning loggers for the requested backends (``mlflow``, ``wandb``, ``csv``).
 
     W&B runs offline unless ``wandb_mode`` says otherwise or ``WANDB_API_KEY`` is set; offline runs land in
@@ -102,7 +102,8 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
     (``("pipeline_run", id)`` or ``("sweep", folder)``), the MLflow run is nested under the parent run of that
     pipeline execution or sweep (see :func:`parent_run`).
     ``resume`` (:func:`run_ids` of an interrupted run of the same stage) continues those tracking runs (and
-    the CSV file) instead of opening new ones.
+    the CSV file) instead of opening new ones. ``description``: the MLflow run's description (and W&B notes).
+    The MLflow experiment is one of model training (:func:`experiment_id`).
 
     Raises:
         ValueError: for an unknown backend name.
@@ -116,17 +117,15 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
             uri = project_path(mlflow_tracking_uri)
             artifacts = str(Path(project_path(mlflow_artifact_location)).resolve())
             _ensure_sqlite_parent(uri)
-            run_tags = dict(tags)
-            if resume.get("mlflow") or parent:
-                from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient
 
-                client = MlflowClient(uri)
-                if resume.get("mlflow"):
-                    client.update_run(resume["mlflow"], status="RUNNING")
-                else:
-                    exp = client.get_experiment_by_name(experiment)
-                    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifacts)
-                    run_tags["mlflow.parentRunId"] = parent_run(client, exp_id, *parent, tags)
+            client = MlflowClient(uri)
+            exp_id = experiment_id(client, experiment, artifacts)
+            run_tags = {**tags, **mlflow_system_tags(tags, description)}
+            if resume.get("mlflow"):
+                client.update_run(resume["mlflow"], status="RUNNING")
+            elif parent:
+                run_tags["mlflow.parentRunId"] = parent_run(client, exp_id, *parent, tags)
             loggers.append(MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
                                         tags=run_tags, artifact_location=artifacts, run_id=resume.get("mlflow")))
         elif backend == "wandb":
@@ -142,7 +141,7 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
                 extra["settings"] = wandb.Settings(x_transaction_log_flush_interval=1.0)
             loggers.append(WandbLogger(project=wandb_project, name=run_name, group=tags.get("pipeline_run"),
                                        job_type=stage, tags=[stage], save_dir=project_path(wandb_dir), mode=mode,
-                                       **extra))
+                                       notes=description or None, **extra))
         elif backend == "csv":
             from lightning.pytorch.loggers import CSVLogger
 
@@ -160,6 +159,29 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
         else:
             raise ValueError(f"logger.backends: unknown backend {backend!r}")
     return loggers
+
+
+def experiment_id(client, name: str, artifacts: str) -> str:
+    """Id of the MLflow experiment ``name`` (created with its artifacts under ``artifacts`` if missing), tagged
+    as a model-training experiment (``mlflow.experimentKind = custom_model_development``: the UI opens it in
+    its training view, not the GenAI one)."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifacts)
+    if exp is None or exp.tags.get("mlflow.experimentKind") != "custom_model_development":
+        client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
+
+
+def mlflow_system_tags(tags: dict[str, str], description: str = "") -> dict[str, str]:
+    """MLflow's own tags for a run of llmstages: the git commit (``mlflow.source.git.commit``: the runs
+    table's Version column), the source (``llmstages <stage>``, a local job) and the description
+    (``mlflow.note.content``)."""
+    out = {"mlflow.source.type": "LOCAL", "mlflow.source.name": f"llmstages {tags.get('stage', '')}".strip()}
+    if tags.get("git_commit", "unknown") != "unknown":
+        out["mlflow.source.git.commit"] = tags["git_commit"]
+    if description:
+        out["mlflow.note.content"] = description
+    return out
 
 
 def run_ids(loggers: list) -> dict[str, str]:
@@ -188,9 +210,86 @@ def parent_run(client, experiment_id: str, key: str, value: str, tags: dict[str,
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     keep = (key, "git_commit", "git_dirty", "dvc_exp_name", *(("stage",) if role == "sweep" else ()))
+    kept = {k: tags[k] for k in keep if k in tags}
+    what = (f"DVC experiment {tags['dvc_exp_name']}" if tags.get("dvc_exp_name") else "dvc repro in the workspace") \
+        if role == "pipeline" else f"Hydra sweep of the {tags.get('stage', '')} stage in {value}"
+    commit = tags.get("git_commit", "unknown")[:7] + (" + uncommitted changes" if tags.get("git_dirty") == "True" else "")
+    note = f"{role.capitalize()} run: {what}, commit {commit}. Its stage runs are nested below; the key metric " \
+           "of each is logged here as <stage>/<metric>."
     run = client.create_run(experiment_id, run_name=f"{role}-{Path(value).name}",
-                            tags={"llmstages_role": role, key: value, **{k: tags[k] for k in keep if k in tags}})
+                            tags={"llmstages_role": role, key: value, **kept,
+                                  **mlflow_system_tags({"git_commit": tags.get("git_commit", "unknown")}, note)})
     return run.info.run_id
+
+
+# The metrics that summarise each stage on its pipeline's parent run (from the stage's metrics.json).
+KEY_METRICS = {"pretrain": ("val_loss",), "sft": ("exact_match_arithmetic", "val_loss"),
+               "reward": ("val_accuracy",),
+               "rlhf": ("rlhf_reward", "rlhf_exact_match_arithmetic", "rlhf_kl_to_ref", "win_rate_vs_sft")}
+
+
+def summarize_on_parent(client, run_id: str, stage: str, metrics: dict) -> None:
+    """Log ``stage``'s key metrics (:data:`KEY_METRICS`) on the parent run of ``run_id`` as ``<stage>/<metric>``,
+    and the RL algorithm as a param, so the runs table and chart view compare pipelines at a glance."""
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if not parent:
+        return
+    for key in KEY_METRICS.get(stage, ()):
+        if isinstance(metrics.get(key), (int, float)):
+            client.log_metric(parent, f"{stage}/{key}", float(metrics[key]))
+    if stage == "rlhf" and metrics.get("algorithm") and "rlhf.algorithm" not in client.get_run(parent).data.params:
+        client.log_param(parent, "rlhf.algorithm", str(metrics["algorithm"]))
+
+
+def log_datasets(loggers: list, files: dict[str, str], context: str = "train") -> None:
+    """Record each input file (``{path: md5}``, the stage's data) as an MLflow dataset input of the run (the
+    Dataset column and lineage views): name = file name, digest = the file's MD5 (as DVC records it), source =
+    its local path."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    for lg in loggers:
+        if type(lg).__name__ != "MLFlowLogger" or not files:
+            continue
+        inputs = []
+        for path, md5 in sorted(files.items()):
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(str(Path(path).resolve()))
+            ds = MetaDataset(source=source, name=Path(path).name, digest=md5[:8])
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        lg.experiment.log_inputs(lg.run_id, datasets=inputs)
+
+
+def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, register_as: str | None = None) -> None:
+    """Record the stage output as an MLflow logged model of the run (model type = the stage's kind of model),
+    with its small files (``config.json``, ``meta.json``, ``metrics.json``) as artifacts; the weights stay in
+    ``out_dir``, versioned by DVC (tags ``local_path`` and ``output_md5`` say where and which). With
+    ``register_as``, also a new version of that registered model (the final policy)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    kind = {"reward": "reward-model"}.get(stage, "causal-lm")
+    for lg in loggers:
+        if type(lg).__name__ != "MLFlowLogger":
+            continue
+        client, run = lg.experiment, lg.experiment.get_run(lg.run_id)
+        model = client.create_logged_model(run.info.experiment_id, name=stage, source_run_id=lg.run_id,
+                                           model_type=kind, tags={"local_path": str(Path(out_dir).resolve()),
+                                                                  "output_md5": output_md5})
+        for name in ("config.json", "meta.json", "metrics.json"):
+            if (Path(out_dir) / name).is_file():
+                client.log_model_artifact(model.model_id, str(Path(out_dir) / name))
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        client.log_outputs(lg.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        if register_as:
+            if not client.search_registered_models(f"name = '{register_as}'"):
+                client.create_registered_model(register_as, description="The final policy of each llmstages "
+                                               "pipeline run (the rlhf stage's output).")
+            client.create_model_version(register_as, source=model.artifact_location, run_id=lg.run_id,
+                                        model_id=model.model_id, tags={"output_md5": output_md5})
 
 
 def end_parent_runs(loggers: list, status: str) -> None:
@@ -207,8 +306,9 @@ def _ensure_sqlite_parent(uri: str) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
-def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path]) -> None:
-    """Log final metrics to every logger and files as MLflow artifacts / W&B summary."""
+def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path], stage: str = "") -> None:
+    """Log final metrics to every logger and files as MLflow artifacts / W&B summary; the stage's key metrics
+    also on its MLflow parent run (:func:`summarize_on_parent`)."""
     for lg in loggers:
         lg.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         name = type(lg).__name__
@@ -216,6 +316,7 @@ def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path])
             for f in artifacts:
                 if Path(f).exists():
                     lg.experiment.log_artifact(lg.run_id, str(f))
+            summarize_on_parent(lg.experiment, lg.run_id, stage, metrics)
         elif name == "WandbLogger":
             lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")

@@ -26,8 +26,9 @@ from ..callbacks import StepProgressBar
 from ..checkpoint import write_json
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
-from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_lineage, log_summary, log_table,
-                        make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps, tag_output)
+from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_datasets, log_lineage, log_model, log_summary,
+                        log_table, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
+                        tag_output)
 
 log = logging.getLogger("llmstages")
 
@@ -68,6 +69,13 @@ def config_hash(cfg: DictConfig, *paths: str | Path) -> str:
                 h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:12]
 
+
+# What each stage does, for its tracking run's description.
+DESCRIPTIONS = {"data": "tokenizer, token files and the SFT / preference / RL-prompt sets from the corpus",
+                "pretrain": "causal LM pretraining (next-token prediction) on the token files",
+                "sft": "supervised fine-tuning on chat pairs, loss on the answer only",
+                "reward": "Bradley-Terry reward model on preference pairs",
+                "rlhf": "RLHF ({algorithm}) against the reward model with a KL penalty to the SFT model"}
 
 _OPEN: list["Stage"] = []  # stages started in this process and not finished (their tracking runs are open)
 
@@ -122,7 +130,11 @@ class Stage:
                                     mlflow_artifact_location=lc.mlflow_artifact_location,
                                     wandb_project=lc.wandb_project, wandb_mode=lc.wandb_mode,
                                     wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir, parent=parent,
-                                    resume=resume) if self.rank_zero else []
+                                    resume=resume, description=self.description(inputs)) if self.rank_zero else []
+        if self.loggers and not resume:  # the files the stage reads: its data folder (the data stage: the corpus)
+            data = [Path(inputs[0])] if name != "data" else [Path(p) for p in inputs]
+            log_datasets(self.loggers, {f: h for f, h in self.lineage.get("inputs", {}).items()
+                                        if any(Path(f) == d or d in Path(f).parents for d in data)})
         if self.loggers:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ids_file, run_ids(self.loggers))
@@ -138,6 +150,13 @@ class Stage:
         log_lineage(self.loggers, self.tags)
         self.started = time.time()
         _OPEN.append(self)
+
+    def description(self, inputs: list[str | Path]) -> str:
+        """The tracking run's description: what the stage does, from what, in which pipeline run."""
+        what = DESCRIPTIONS[self.name].format(algorithm=self.cfg.get("algorithm", ""))
+        where = f"DVC experiment {self.tags['dvc_exp_name']}" if self.tags.get("dvc_exp_name") else \
+            f"pipeline run {self.pipeline_run}"
+        return f"{self.name}: {what}. Inputs: {', '.join(map(str, inputs))}; output: {self.out_dir}; {where}."
 
     def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
         """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``.
@@ -201,11 +220,14 @@ class Stage:
         outputs = tree_md5s([self.out_dir])
         output_md5 = combined_md5(outputs, self.out_dir)  # what a downstream stage finds as its input
         tag_output(self.loggers, output_md5)
+        if self.name != "data":
+            log_model(self.loggers, self.name, self.out_dir, output_md5,
+                      register_as="llmstages-policy" if self.name == "rlhf" else None)
         with tempfile.TemporaryDirectory() as tmp:  # lineage.json: an artifact, not a file of the stage output
             lineage = Path(tmp) / "lineage.json"
             write_json(lineage, {**self.lineage, "tags": self.tags, "outputs": outputs, "output_md5": output_md5})
             files = [self.out_dir / "metrics.json", self.out_dir / "config.yaml", lineage, *(artifacts or [])]
-            log_summary(self.loggers, metrics, files)
+            log_summary(self.loggers, metrics, files, stage=self.name)
         if self in _OPEN:
             _OPEN.remove(self)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
