@@ -229,11 +229,12 @@ KEY_METRICS = {"pretrain": ("val_loss",), "sft": ("exact_match_arithmetic", "val
 
 
 def summarize_on_parent(client, run_id: str, stage: str, metrics: dict) -> None:
-    """Log ``stage``'s key metrics (:data:`KEY_METRICS`) on the parent run of ``run_id`` as ``<stage>/<metric>``,
-    and the RL algorithm as a param, so the runs table and chart view compare pipelines at a glance."""
+    """Log ``stage``'s key metrics (:data:`KEY_METRICS`) on the pipeline parent run of ``run_id`` as
+    ``<stage>/<metric>``, and the RL algorithm as a param, so the runs table and chart view compare pipelines at
+    a glance."""
     parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if not parent:
-        return
+    if not parent or client.get_run(parent).data.tags.get("llmstages_role") != "pipeline":
+        return  # a sweep's parent: its jobs' values would overwrite one another (the sweep summary has them)
     for key in KEY_METRICS.get(stage, ()):
         if isinstance(metrics.get(key), (int, float)):
             client.log_metric(parent, f"{stage}/{key}", float(metrics[key]))
