@@ -113,6 +113,35 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
     assert parent.data.metrics["rlhf/rlhf_kl_to_ref"] == pytest.approx(metrics["rlhf"]["rlhf_kl_to_ref"])
 
 
+def test_a_copied_project_reads_and_writes_its_own_artifacts(tiny_run, tmp_path):
+    """MLflow stores artifact locations as absolute paths; a stage run in a copy of the project re-points the
+    copy's store at the copy's own artifact folder, so old and new runs resolve inside the copy and nothing is
+    written to the original."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    work, _ = tiny_run
+    copy = tmp_path / "moved"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    before = sorted(p for p in (work / "outputs/mlartifacts").rglob("*"))
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf"), "LLMSTAGES_PIPELINE_RUN": "moved"}
+    env.pop("WANDB_API_KEY", None)
+    p = subprocess.run([str(BIN / "llmstages"), "pretrain", *TINY["pretrain"], "trainer.max_steps=2",
+                        "out_dir=outputs/pre2"], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    client = MlflowClient(f"sqlite:///{copy}/outputs/mlflow.db")
+    exp = client.get_experiment_by_name("llmstages")
+    assert exp.artifact_location == str(copy / "outputs/mlartifacts")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) > 5 and all(r.info.artifact_uri.startswith(f"{copy}/outputs/mlartifacts/") for r in runs)
+    (new,) = [r for r in runs if r.data.tags.get("pipeline_run") == "moved" and r.data.tags.get("stage")]
+    assert "metrics.json" in {a.path for a in client.list_artifacts(new.info.run_id)}
+    old = next(r for r in runs if r.data.tags.get("stage") == "sft")
+    assert "metrics.json" in {a.path for a in client.list_artifacts(old.info.run_id)}  # copied with the project
+    assert sorted(p for p in (work / "outputs/mlartifacts").rglob("*")) == before
+
+
 def test_every_training_stage_logs_its_probe_table(tiny_run):
     """probes.json per training stage: the same prompts; the reward model scores the SFT model's answers and
     the RLHF table carries the reward model's score of each policy answer."""

@@ -117,6 +117,7 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
             uri = project_path(mlflow_tracking_uri)
             artifacts = str(Path(project_path(mlflow_artifact_location)).resolve())
             _ensure_sqlite_parent(uri)
+            follow_project(uri, experiment, artifacts)
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(uri)
@@ -159,6 +160,40 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
         else:
             raise ValueError(f"logger.backends: unknown backend {backend!r}")
     return loggers
+
+
+# The columns of MLflow's SQL store that hold artifact locations (MLflow 2.x-3.x schema).
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "source"),
+                    ("model_versions", "storage_location"))
+
+
+def follow_project(uri: str, experiment: str, artifacts: str) -> int:
+    """Point the artifact locations of ``experiment`` in the local SQLite store ``uri`` at ``artifacts`` (the
+    configured folder, resolved in this project) when they name another folder: MLflow stores them as
+    absolute paths, so a copied, cloned or moved project would otherwise keep reading and writing the old
+    folder's artifacts. Returns the number of rows changed (0 for other stores, or when nothing moved)."""
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if path is None or not path.is_file():
+        return 0
+    with sqlite3.connect(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return 0
+        row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (experiment,)).fetchone()
+        old = row[0] if row else None
+        if not old or old.removeprefix("file://") == artifacts:
+            return 0
+        changed = 0
+        for table, column in ARTIFACT_COLUMNS:
+            if table in tables:
+                changed += db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ? "
+                    f"AND (length({column}) = ? OR substr({column}, ?, 1) = '/')",
+                    (artifacts, len(old) + 1, len(old), old, len(old), len(old) + 1)).rowcount
+    return changed
 
 
 def experiment_id(client, name: str, artifacts: str) -> str:
