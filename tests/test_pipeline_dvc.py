@@ -87,7 +87,7 @@ def test_training_curves_are_dvc_plots(repo):
     # metrics.json re-evaluates in float32; the Trainer's validation may run under bf16 autocast
     assert curve(repo, "pretrain", "val/loss")[-1][1] == pytest.approx(metrics["pretrain"]["val_loss"], rel=1e-2)
     lr = yaml.safe_load((repo / "outputs/pretrain/config.yaml").read_text())["optim"]["lr"]
-    assert all(0 < v <= lr * (1 + 1e-6) for _, v in curve(repo, "pretrain", "lr-AdamW/pg1"))
+    assert all(0 < v <= lr * (1 + 1e-6) for _, v in curve(repo, "pretrain", "train/lr"))
     assert curve(repo, "sft", "val/loss")[-1][1] == pytest.approx(metrics["sft"]["val_loss"], abs=1e-6)
     for name in ("loss", "accuracy", "margin"):  # the final full validation is the last point
         assert curve(repo, "reward", f"val/{name}")[-1][1] == pytest.approx(metrics["reward"][f"val_{name}"], abs=1e-6)

@@ -70,20 +70,34 @@ def test_reward_and_rlhf_metrics(tiny_run):
     assert (tiny_run[0] / "outputs/rlhf/samples.md").read_text().startswith("| prompt |")
 
 
+def curve_steps(out) -> dict[str, list[int]]:
+    """``{metric: steps}`` of a stage output's DVC curves (``curves/<metric>.tsv``)."""
+    found = {}
+    for f in sorted((out / "curves").rglob("*.tsv")):
+        rows = f.read_text().splitlines()[1:]
+        found[str(f.relative_to(out / "curves").with_suffix(""))] = [int(r.split("\t")[0]) for r in rows if r]
+    return found
+
+
 @pytest.mark.parametrize("algorithm,extra", [("dpo", ["dpo.pairs=offline"]), ("grpo", []),
-                                             ("dpo", ["dpo.pairs=online"])])
-def test_rlhf_dpo_and_grpo_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkeypatch):
+                                             ("dpo", ["dpo.pairs=online"]), ("ppo", ["ppo.kl_target=1.0"])])
+def test_rlhf_algorithms_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkeypatch):
     from conftest import TINY, compose
     from llmstages.cli import run_stage
 
     work, _ = tiny_run
     monkeypatch.chdir(work)
     out = f"outputs/rlhf-{algorithm}-{'-'.join(extra)}"
-    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}", *extra]), out, source="test")
+    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}", *extra,
+                                           "trainer.log_every_n_steps=1"]), out, source="test")
     assert m["algorithm"] == algorithm and m["steps"] == 8
     for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic",
                 "rlhf_mean_response_tokens", "rlhf_eos_fraction", "time_scoring_s", "time_optimisation_s"):
         assert np.isfinite(m[key]), key
+    axis = curve_steps(work / out)  # one step axis: optimizer steps, as every other stage logs them
+    key = "train/reward" if "train/reward" in axis else "train/loss"  # offline DPO samples nothing
+    assert max(axis[key]) == m["steps"] - 1 and max(max(s) for s in axis.values()) <= m["steps"]  # val: after
+    assert axis["train/lr"] == axis[key]
     if algorithm == "dpo":
         assert 0.0 <= m["dpo_val_accuracy"] <= 1.0
     if extra == ["dpo.pairs=offline"]:

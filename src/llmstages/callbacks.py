@@ -114,6 +114,16 @@ class StepProgressBar(RichProgressBar):
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # all of them, not the bar's only
             log.info(" · ".join([f"{self.stage}: validation at step {trainer.global_step}", *_fmt(metrics, val=True)]))
 
+class LearningRate(L.Callback):
+    """Logs ``train/lr``, the learning rate of the optimizer step about to run (every parameter group of a stage
+    shares it: one series, where Lightning's ``LearningRateMonitor`` draws one per group), at the steps whose
+    metrics the logger writes (:func:`is_log_step`; every iteration of a manual-optimization RL module)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.optimizers and (is_log_step(pl_module) or not pl_module.automatic_optimization):
+            pl_module.log("train/lr", float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+
 def _fmt(metrics: dict, val: bool) -> list[str]:
     """``key=value`` texts of the validation metrics (``val=True``) or of the others."""
     return [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()

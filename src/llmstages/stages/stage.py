@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import StepProgressBar
+from ..callbacks import LearningRate, StepProgressBar
 from ..checkpoint import write_json
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
@@ -170,14 +170,14 @@ class Stage:
 
         The trainer settings were checked before (:func:`~llmstages.runtime.check_trainer`).
         """
-        from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+        from lightning.pytorch.callbacks import ModelCheckpoint
 
         from ..tracking import curve_logger
 
         t = self.cfg.trainer
         ckpt = ModelCheckpoint(dirpath=self.ckpt_dir, save_last=True, save_top_k=0,
                                every_n_train_steps=t.checkpoint_every_n_steps)
-        cbs = [ckpt, *(callbacks or []), LearningRateMonitor(logging_interval="step")]
+        cbs = [ckpt, *(callbacks or []), LearningRate()]
         resuming = (self.ckpt_dir / "last.ckpt").is_file()
         curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=resuming)
         if resuming and self.rank_zero:  # the steps after the checkpoint were logged before the interruption
@@ -207,6 +207,8 @@ class Stage:
             resumed = int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", 0))
         if last.is_file() and self.rank_zero:
             log.warning("%s: resuming from %s (step %d)", self.name, last, resumed)
+        if not module.automatic_optimization:
+            at_optimizer_steps(trainer)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(last) if last.is_file() else None)
         return resumed
 
@@ -246,6 +248,20 @@ class Stage:
         """The ``meta.json`` of a stage output: stage, pipeline run, commit, the precision it trained in, and
         stage-specific fields."""
         return {"stage": self.name, **self.tags, **({"precision": self.precision} if self.precision else {}), **extra}
+
+def at_optimizer_steps(trainer: L.Trainer) -> None:
+    """Make ``trainer``'s loggers put every point on the optimizer-step axis, as the other stages' points are.
+
+    Lightning steps the loggers of a manual-optimization module (PPO, GRPO, online DPO: an iteration of several
+    optimizer steps per batch) by batch; here a point logged during training lands at the iteration's last
+    optimizer step (``global_step - 1``, 0-based, as automatic optimization logs step k's loss at k), the
+    learning rate included, so ``dvc plots``, MLflow and ``llmstages compare`` draw every stage on one axis.
+    Points logged without a step (the final summary) are left as they are."""
+    for lg in trainer.loggers:
+        def on_step_axis(metrics: dict, step: int | None = None, _log=lg.log_metrics) -> None:
+            _log(metrics, step if step is None else max(trainer.global_step - 1, 0))
+        lg.log_metrics = on_step_axis
+
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
