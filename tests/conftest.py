@@ -56,3 +56,26 @@ def tiny_run(tmp_path_factory):
         os.environ.pop("LLMSTAGES_PIPELINE_RUN", None)
         os.chdir(old)
     return work, metrics
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``): a LevelDB-style log (7-byte header, 32 KiB
+    blocks, chunks with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST) of protobuf ``Record``s."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, records, part = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            records.append(rec)
+    return records

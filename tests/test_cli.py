@@ -35,6 +35,20 @@ def test_help_lists_stages_and_is_fast(tmp_path):
         assert word in p.stdout
 
 
+@pytest.mark.parametrize("stage", ["data", "pretrain", "sft", "reward", "rlhf"])
+def test_stage_help_says_what_the_stage_does(tmp_path, stage):
+    """`llmstages <stage> --help` opens with the stage: what it does, what it reads and writes, its main settings,
+    then Hydra's config groups and the composed config (whose keys the main settings name)."""
+    out = run([stage, "--help"], tmp_path).stdout
+    assert out.startswith(f"llmstages {stage}: ") and "powered by Hydra" not in out
+    settings = next(line for line in out.splitlines() if "Main settings:" in line)
+    config = out.split("== The composed config ==")[1]
+    for key in settings.split("Main settings:")[1].strip(" .").split(", "):
+        name = key.split("=")[0].strip(" .").split(" ")[0]
+        assert f"\n{name.split('.')[-1]}:" in config or f" {name.split('.')[-1]}:" in config, name
+    assert "Reads " in out and "writes" in out
+
+
 def test_unknown_command_fails(tmp_path):
     p = run(["pretrian"], tmp_path, check=False)
     assert p.returncode == 2 and "unknown command 'pretrian'" in p.stderr

@@ -17,7 +17,7 @@ import pytest
 
 import torch
 
-from conftest import ROOT, TINY, compose
+from conftest import ROOT, TINY, compose, wandb_records
 
 LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
 
@@ -162,31 +162,10 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
 
 
 def wandb_history(folder: Path) -> list[dict[str, str]]:
-    """The history rows (``{key: JSON value}``) of every offline W&B run under ``folder``: each
-    ``run-<id>.wandb`` file is a LevelDB-style log (7-byte file header, 32 KiB blocks of records with a 7-byte
-    header: CRC, length, type 1 full / 2 first / 3 middle / 4 last) of ``wandb_internal_pb2.Record`` messages."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    out = []
-    for path in sorted(folder.glob("offline-run-*/run-*.wandb")):
-        data, pos, block, chunk = path.read_bytes(), 7, 32768, b""
-        while pos + 7 <= len(data):
-            if block - pos % block < 7:  # too little left in the block for a header: padding
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            if kind == 0:
-                break
-            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
-            if kind in (1, 4):
-                rec = wandb_internal_pb2.Record()
-                rec.ParseFromString(chunk)
-                chunk = b""
-                if rec.WhichOneof("record_type") == "history":
-                    out.append({i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item})
-    return out
+    """The history rows (``{key: JSON value}``) of every offline W&B run under ``folder``."""
+    return [{i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            for path in sorted(folder.glob("offline-run-*/run-*.wandb")) for rec in wandb_records(path)
+            if rec.WhichOneof("record_type") == "history"]
 
 
 def curves(out: Path) -> dict[str, dict[int, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, wandb_records
 
 BIN = Path(sys.executable).parent
 STAGES = ("data", "pretrain", "sft", "reward", "rlhf")
@@ -168,29 +168,6 @@ def test_every_training_stage_logs_its_probe_table(tiny_run):
     assert "probes.json" not in {a.path for a in client.list_artifacts(first["data"])}  # no model to ask
 
 
-def wandb_records(path: Path) -> list:
-    """The records of an offline W&B run file (``run-<id>.wandb``): a LevelDB-style log (7-byte header, 32 KiB
-    blocks, chunks with a 7-byte header: CRC, length, type FULL/FIRST/MIDDLE/LAST) of protobuf ``Record``s."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block, pos, records, part = path.read_bytes(), 32768, 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        part = chunk if kind in (1, 2) else part + chunk
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(part)
-            records.append(rec)
-    return records
-
-
 def test_wandb_offline_run_folder_config_and_group(tiny_run, tmp_path):
     """logger=wandb without an API key: an offline run in <wandb_dir>/wandb/ (nothing sent), whose records hold
     the group (pipeline run), the job type (stage), the config with the values used and the lineage, and the
@@ -207,6 +184,8 @@ def test_wandb_offline_run_folder_config_and_group(tiny_run, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     runs = list((tmp_path / "tracking/wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    log = p.stdout + p.stderr  # the run says where it is tracked
+    assert "sft: tracked as W&B run sft-wb-group" in log and f"wandb sync tracking/wandb/{runs[0].name}" in log
     records = wandb_records(next(runs[0].glob("run-*.wandb")))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert (run.run_group, run.job_type, run.display_name) == ("wb-group", "sft", "sft-wb-group")

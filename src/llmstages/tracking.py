@@ -219,6 +219,25 @@ def mlflow_system_tags(tags: dict[str, str], description: str = "") -> dict[str,
     return out
 
 
+def where_tracked(loggers: list) -> list[str]:
+    """One line per tracker saying where this run is recorded and how to look at it."""
+    lines = []
+    for lg in loggers:
+        kind = type(lg).__name__
+        if kind == "MLFlowLogger":
+            client = lg.experiment
+            lines.append(f"MLflow run {client.get_run(lg.run_id).info.run_name} in experiment "
+                         f"{client.get_experiment(lg.experiment_id).name!r} "
+                         f"(browse: mlflow ui --backend-store-uri {client.tracking_uri})")
+        elif kind == "WandbLogger":
+            run = lg.experiment
+            where = f"offline (upload: wandb sync {Path(run.dir).parent})" if run.offline else run.url
+            lines.append(f"W&B run {run.name} ({run.id}), {where}")
+        elif kind == "CSVLogger":
+            lines.append(f"CSV {Path(lg.log_dir) / 'metrics.csv'}")
+    return lines
+
+
 def run_ids(loggers: list) -> dict[str, str]:
     """``{"mlflow": run id, "wandb": run id, "csv": folder}`` of the tracking runs behind ``loggers`` (for
     resuming them)."""

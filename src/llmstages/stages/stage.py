@@ -28,7 +28,7 @@ from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
 from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_datasets, log_lineage, log_model, log_summary,
                         log_table, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
-                        tag_output)
+                        tag_output, where_tracked)
 
 log = logging.getLogger("llmstages")
 
@@ -138,6 +138,8 @@ class Stage:
         if self.loggers:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ids_file, run_ids(self.loggers))
+            for line in where_tracked(self.loggers):
+                log.info("%s: tracked as %s", name, line)
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
         # The precision the Trainer gets ("auto" resolved for this machine), in the log, meta.json and the trackers.
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) if "trainer" in cfg else None
