@@ -32,6 +32,15 @@ DPO_PAIRS = ("offline", "online")  # rlhf.dpo.pairs
 DIRECTIONS = ("minimize", "maximize")  # objective.direction
 
 
+def updates_per_iteration(algorithm: str, c) -> int:
+    """Optimizer steps in one iteration (one rollout) of ``algorithm`` (ppo, grpo or online dpo) with its config
+    section ``c``: passes over the iteration's samples x minibatches per pass (the last may be smaller)."""
+    passes, samples = {"ppo": lambda: (c.ppo_epochs, c.rollout_batch_size),
+                       "grpo": lambda: (c.epochs, c.prompts_per_step * c.group_size),
+                       "dpo": lambda: (c.epochs, c.prompts_per_step)}[algorithm]()
+    return passes * -(-samples // c.minibatch_size)
+
+
 def _every_field_given(cls: type) -> type:
     """``cls`` (a dataclass of the code, with its own defaults) as a schema whose every field the config must give."""
     hints = typing.get_type_hints(cls)
@@ -371,10 +380,7 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             bad("dpo.minibatch_size", "must divide dpo.prompts_per_step (one pair per prompt)")
         online_dpo = cfg.algorithm == "dpo" and cfg.dpo.pairs == "online"
         if cfg.algorithm in ("ppo", "grpo") or online_dpo:  # one training step (an iteration): several optimizer steps
-            c = cfg[cfg.algorithm]  # samples per iteration x passes over them, in minibatches
-            samples = {"ppo": lambda: c.ppo_epochs * c.rollout_batch_size, "dpo": lambda: c.epochs * c.prompts_per_step,
-                       "grpo": lambda: c.epochs * c.prompts_per_step * c.group_size}[cfg.algorithm]()
-            per_iter = samples // c.minibatch_size
+            per_iter = updates_per_iteration(cfg.algorithm, cfg[cfg.algorithm])
             if cfg.trainer.max_steps % per_iter:
                 bad("trainer.max_steps", f"counts optimizer steps, {per_iter} per {cfg.algorithm} iteration: use a "
                                          f"multiple of {per_iter}, got {cfg.trainer.max_steps}")

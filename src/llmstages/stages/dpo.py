@@ -20,7 +20,6 @@ pairs and on the held-out preference pairs.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -29,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import DPOSchema
+from ..config import DPOSchema, updates_per_iteration
 from ..data.datasets import PreferenceDataset, collate_pairs
 from ..data.formats import read_canonical
 from ..evaluation import pair_logprobs
@@ -168,7 +167,7 @@ def build(s: DPOSchema, x: RLInputs) -> RLRun:
     else:
         module = OnlineDPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
                                  eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed)
-        train = x.prompts(s, s.prompts_per_step, "dpo", s.epochs * math.ceil(s.prompts_per_step / s.minibatch_size))
+        train = x.prompts(s, s.prompts_per_step, "dpo", updates_per_iteration("dpo", s))
     val = DataLoader(pairs["val"], **kw)
 
     def final_metrics(trainer) -> dict:  # over all held-out pairs, not the limit_val_batches of training

@@ -9,7 +9,6 @@ KL(π || π_ref), averaged over each response's tokens and then over responses. 
 
 from __future__ import annotations
 
-import math
 
 import lightning as L
 import torch
@@ -17,7 +16,7 @@ import torch
 from ..losses import group_advantages, grpo_loss, masked_mean, token_entropy
 from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
                        penalised_rewards, response_logprobs, rollout_stats, sample)
-from ..config import GRPOSchema
+from ..config import GRPOSchema, updates_per_iteration
 from ..model import GPT, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
 
@@ -86,5 +85,5 @@ def build(s: GRPOSchema, x: RLInputs) -> RLRun:
     """GRPO on batches of ``s.prompts_per_step`` training prompts, ``s.group_size`` samples each."""
     module = GRPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
                         eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed)
-    updates = s.epochs * math.ceil(s.prompts_per_step * s.group_size / s.minibatch_size)
+    updates = updates_per_iteration("grpo", s)
     return RLRun(module, x.prompts(s, s.prompts_per_step, "grpo", updates))

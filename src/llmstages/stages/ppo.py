@@ -13,7 +13,6 @@ optimization runs those updates inside ``training_step``; ``trainer.max_steps`` 
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning as L
 import torch
@@ -22,7 +21,7 @@ from ..losses import (adaptive_kl_coef, gae, kl_estimate, masked_mean, normalise
                       token_entropy, value_loss, whiten)
 from ..rollout import (PhaseTimer, RewardFn, RLInputs, RLRun, iteration_generator, minibatches, outside_inference,
                        penalised_rewards, response_hidden, response_logprobs, rollout_stats, sample)
-from ..config import PPOSchema
+from ..config import PPOSchema, updates_per_iteration
 from ..lora import add_lora
 from ..model import GPT, ScalarHead, freeze
 from ..optim import adamw_with_schedule, manual_step, param_groups
@@ -126,6 +125,6 @@ def build(s: PPOSchema, x: RLInputs) -> RLRun:
             add_lora(critic["critic"], **x.lora)
     module = PPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
                        eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed, **critic)
-    updates = s.ppo_epochs * math.ceil(s.rollout_batch_size / s.minibatch_size)
+    updates = updates_per_iteration("ppo", s)
     return RLRun(module, x.prompts(s, s.rollout_batch_size, "ppo", updates),
                  saved_head=module.value_head if module.critic is None else None)
