@@ -98,6 +98,10 @@ def test_training_curves_are_dvc_plots(repo):
     for stage in ("pretrain", "sft", "reward", "rlhf"):
         files = sorted(str(f.relative_to(repo)) for f in (repo / f"outputs/{stage}/curves").rglob("*.tsv"))
         assert files and set(files) <= set(shown), stage
+    both = shown["pretrain: causal LM loss, train and validation"][0]["content"]  # train and val on one chart
+    assert {p["filename"] for p in both["data"]["values"]} == {"train/loss.tsv", "val/loss.tsv"}
+    assert both["encoding"]["x"]["title"] == "optimizer step"
+    assert both["layer"][0]["encoding"]["y"]["title"] == "cross-entropy (nats/token)"
     plot = shown["outputs/pretrain/curves/val/loss.tsv"][0]["content"]
     assert plot["encoding"]["x"]["field"] == "step"
     assert [float(p["loss"]) for p in plot["data"]["values"]] == [v for _, v in curve(repo, "pretrain", "val/loss")]
