@@ -48,6 +48,15 @@ def test_chat_two_turns_through_stdin_keep_the_conversation(tiny_run):
     assert "(conversation reset)" in p.stdout
 
 
+def test_chat_refuses_a_reward_model_and_bad_sampling_values(tiny_run):
+    work, _ = tiny_run
+    for args, message in [([str(work / "outputs/reward")], "is a reward model"),
+                          ([str(work / "outputs/sft"), "--temperature", "nan"], "nan is not a finite number")]:
+        p = subprocess.run([LLMSTAGES, "chat", *args], input="hi\n", capture_output=True, text=True, env=ENV,
+                           timeout=300)
+        assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
 def test_chat_in_a_pseudo_terminal(tiny_run):
     """The same two turns typed at a terminal (input() with line editing); Ctrl-D ends the session."""
     work, _ = tiny_run

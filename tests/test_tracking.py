@@ -91,10 +91,14 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
         assert run.data.tags["mlflow.note.content"].startswith(f"{stage}: ")
         assert run.data.tags["mlflow.source.name"] == f"llmstages {stage}"
         names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        contexts = {d.dataset.name: {t.value for t in d.tags} for d in run.inputs.dataset_inputs}
         if stage != "data":
             want = {"pretrain": "train.bin", "sft": "sft_train.jsonl", "reward": "pref_train.jsonl",
                     "rlhf": "prompts_train.jsonl"}[stage]
-            assert want in names, names
+            from llmstages.stages.stage import DATA_FILES
+
+            assert set(names) == set(DATA_FILES[stage])  # what the stage reads, not the whole data folder
+            assert contexts[want] == {"train"} and contexts[want.replace("train", "val")] == {"eval"}
             from llmstages.lineage import file_md5
 
             assert names[want] == file_md5(work / "outputs/data" / want)[:8]

@@ -7,6 +7,7 @@ A stage output folder is what one stage hands the next (``outputs/<stage>/``). W
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -78,6 +79,9 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} not found: is {path} a stage output (run its stage first)?")
     fields = read_json(path / CONFIG)
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in fields]
+    if missing:  # save_output writes every field: a default here would build another architecture
+        raise ValueError(f"{path / CONFIG}: missing key(s) {', '.join(missing)}")
     try:
         cfg = GPTConfig(**fields)
     except (TypeError, ValueError) as err:  # unknown or missing keys, values of the wrong type

@@ -71,6 +71,8 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*set_vital.*")  # torchdata's StatefulDataLoader on newer torch
     # Runs are bounded by max_steps, and the last step's metrics are always logged (is_log_step).
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # A resumed run's CSV logger: tracking.make_loggers keeps the file Lightning says it will delete.
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
     cfg = validate(stage, cfg, source, runs_here=True)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     _check_writable(stage, out)  # before training, not after it

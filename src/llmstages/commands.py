@@ -23,6 +23,8 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if value < low or (low_open and value == low) or (high is not None and value > high):
             span = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: expected {span}")
@@ -99,7 +101,12 @@ def chat_cmd(argv: list[str]) -> int:
     from .chat import chat, read_lines
     from .export import load_model
 
+    from .export import is_reward_model
+
     try:
+        if is_reward_model(path):
+            sys.exit(f"llmstages chat: {path} is a reward model (it scores answers, it does not write them); "
+                     "chat with a policy such as outputs/sft or outputs/rlhf")
         model, _, tok = load_model(path)
     except (FileNotFoundError, NotADirectoryError, ValueError) as err:
         sys.exit(f"llmstages chat: {err}")

@@ -259,6 +259,12 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
                 [f"tag {t}" for t in tags or []] + [f"status={status}"] * bool(status)
             raise CompareError(f"no runs match {', '.join(filters)} in {tracking_uri}")
         params, n_same = differing_params(runs)
+        if plots:  # before any output: a misspelt metric is an error, not an empty chart after the table
+            logged = sorted(set().union(*(r.data.metrics for r in runs)))
+            unknown = [m for m in plots if m not in logged]
+            if unknown:
+                raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it; these runs have: "
+                                   f"{', '.join(m for m in logged if not m.startswith('final/'))}")
         names = choose_metrics(runs, metrics)
         header, rows = table(runs, params, names, lineage)
         note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} run{'s' * (len(runs) != 1)} " \
@@ -273,11 +279,6 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
         if fmt != "rich":
             print(note, file=sys.stderr)
         if plots:
-            logged = sorted(set().union(*(r.data.metrics for r in runs)))
-            unknown = [m for m in plots if m not in logged]
-            if unknown:
-                raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it; these runs have: "
-                                   f"{', '.join(m for m in logged if not m.startswith('final/'))}")
             labels = [", ".join([run_name(r), *origin(r), *(f"{k}={r.data.params[k]}" for k in params[:3]
                                                             if k in r.data.params)]) for r in runs]
             plot_metrics(client, runs, plots, labels).savefig(plot_file, dpi=120)

@@ -52,6 +52,19 @@ def is_hf_checkpoint(path: str | Path) -> bool:
         return False
 
 
+def is_reward_model(path: str | Path) -> bool:
+    """Whether ``path`` holds a reward model: a stage output of the reward stage (``meta.json``), or a Hugging
+    Face sequence classifier (``config.json`` ``architectures``).
+
+    Raises:
+        ValueError: a broken ``meta.json`` or ``config.json`` (naming the file).
+    """
+    path = Path(path)
+    if is_hf_checkpoint(path):
+        return "LlamaForSequenceClassification" in (read_json(path / HF_CONFIG).get("architectures") or [])
+    return (path / "meta.json").is_file() and read_json(path / "meta.json").get("stage") == "reward"
+
+
 def llama_config(cfg: GPTConfig, tok: ChatTokenizer, reward: bool = False):
     """The ``transformers.LlamaConfig`` of our architecture ``cfg`` with ``tok``'s special tokens; ``reward``:
     a one-label sequence classifier."""

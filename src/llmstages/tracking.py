@@ -296,10 +296,11 @@ def summarize_on_parent(client, run_id: str, stage: str, metrics: dict) -> None:
         client.log_param(parent, "rlhf.algorithm", str(metrics["algorithm"]))
 
 
-def log_datasets(loggers: list, files: dict[str, str], context: str = "train") -> None:
+def log_datasets(loggers: list, files: dict[str, str]) -> None:
     """Record each input file (``{path: md5}``, the stage's data) as an MLflow dataset input of the run (the
     Dataset column and lineage views): name = file name, digest = the file's MD5 (as DVC records it), source =
-    its local path."""
+    its path as the stage was given it (relative to the project for the pipeline: a copied project's runs name
+    its own files), context ``eval`` for a validation split (``*_val*``, ``val.*``), else ``train``."""
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -313,8 +314,10 @@ def log_datasets(loggers: list, files: dict[str, str], context: str = "train") -
         for path, md5 in sorted(files.items()):
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
                 warnings.simplefilter("ignore")
-                source = resolve_dataset_source(str(Path(path).resolve()))
+                source = resolve_dataset_source(str(path))
             ds = MetaDataset(source=source, name=Path(path).name, digest=md5[:8])
+            name = Path(path).name
+            context = "eval" if "_val" in name or name.startswith("val.") else "train"
             inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
         lg.experiment.log_inputs(lg.run_id, datasets=inputs)
 

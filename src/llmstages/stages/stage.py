@@ -77,6 +77,11 @@ DESCRIPTIONS = {"data": "tokenizer, token files and the SFT / preference / RL-pr
                 "reward": "Bradley-Terry reward model on preference pairs",
                 "rlhf": "RLHF ({algorithm}) against the reward model with a KL penalty to the SFT model"}
 
+# The files of the data folder each stage reads (its MLflow dataset inputs; *_val: context "eval").
+DATA_FILES = {"pretrain": ("train.bin", "val.bin"), "sft": ("sft_train.jsonl", "sft_val.jsonl"),
+              "reward": ("pref_train.jsonl", "pref_val.jsonl"),
+              "rlhf": ("prompts_train.jsonl", "prompts_val.jsonl", "pref_train.jsonl", "pref_val.jsonl")}
+
 _OPEN: list["Stage"] = []  # stages started in this process and not finished (their tracking runs are open)
 
 
@@ -131,10 +136,12 @@ class Stage:
                                     wandb_project=lc.wandb_project, wandb_mode=lc.wandb_mode,
                                     wandb_dir=lc.wandb_dir, csv_dir=lc.csv_dir, parent=parent,
                                     resume=resume, description=self.description(inputs)) if self.rank_zero else []
-        if self.loggers and not resume:  # the files the stage reads: its data folder (the data stage: the corpus)
-            data = [Path(inputs[0])] if name != "data" else [Path(p) for p in inputs]
-            log_datasets(self.loggers, {f: h for f, h in self.lineage.get("inputs", {}).items()
-                                        if any(Path(f) == d or d in Path(f).parents for d in data)})
+        if self.loggers and not resume:  # the data files the stage reads (the data stage: the corpus)
+            md5s = self.lineage.get("inputs", {})
+            reads = {f: h for f, h in md5s.items() if Path(f).name in DATA_FILES.get(name, ())
+                     and Path(f).parent == Path(inputs[0])} if name != "data" else md5s
+            if len(reads) <= 20:  # a corpus of many files is in lineage.json, not one dataset per file
+                log_datasets(self.loggers, reads)
         if self.loggers:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(ids_file, run_ids(self.loggers))
@@ -158,7 +165,8 @@ class Stage:
         what = DESCRIPTIONS[self.name].format(algorithm=self.cfg.get("algorithm", ""))
         where = f"DVC experiment {self.tags['dvc_exp_name']}" if self.tags.get("dvc_exp_name") else \
             f"pipeline run {self.pipeline_run}"
-        return f"{self.name}: {what}. Inputs: {', '.join(map(str, inputs))}; output: {self.out_dir}; {where}."
+        reads = f"Inputs: {', '.join(map(str, inputs))}; " if inputs else ""
+        return f"{self.name}: {what}. {reads}Output: {self.out_dir}; {where}."
 
     def trainer(self, callbacks: list | None = None, **overrides) -> L.Trainer:
         """A Lightning Trainer from ``cfg.trainer`` that writes resumable checkpoints to ``ckpt_dir``.
