@@ -408,3 +408,25 @@ def test_preference_empty_file_and_missing_field(tmp_path):
                                                    "'auto' (valid keys: ['chosen', 'content', 'prompt', 'rejected', "
                                                    "'role', 'task'])")):
         load_preferences(path, columns={"completion": "x"})
+
+
+def test_compressed_files_are_read_as_they_ship(tmp_path):
+    """HH-RLHF ships as train.jsonl.gz: gzip, bzip2 and xz files are read by their first bytes, whatever their
+    name; a zstandard file gets an error that says to decompress it."""
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [{"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",
+             "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: No idea."}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    want, _ = load_preferences(jsonl(tmp_path, rows))
+    for name, opener in [("train.jsonl.gz", gzip.open), ("train.jsonl.bz2", bz2.open), ("train.jsonl.xz", lzma.open),
+                         ("gzip-without-suffix.jsonl", gzip.open)]:
+        with opener(tmp_path / name, "wt") as f:
+            f.write(text)
+        got, report = load_preferences(tmp_path / name)
+        assert got == want and report.format == "hh" and report.kept == 1, name
+    (tmp_path / "train.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
+    with pytest.raises(ValueError, match=r"train.jsonl.zst: zstandard-compressed, .*decompress it first"):
+        load_preferences(tmp_path / "train.jsonl.zst")

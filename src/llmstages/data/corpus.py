@@ -234,6 +234,8 @@ def _file_kind(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     suffix = path.suffix.lower()
+    if suffix in (".gz", ".bz2", ".xz") and len(path.suffixes) > 1:  # rows.jsonl.gz: read decompressed (jsonio)
+        suffix = path.suffixes[-2].lower()
     return "jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix == ".parquet" else "text"
 
 

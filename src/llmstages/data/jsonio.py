@@ -2,7 +2,9 @@
 
 Every reader yields ``(where, row)`` pairs: ``where`` is ``"path:lineno"`` (JSONL, physical line numbers,
 1-based) or ``"path[index]"`` (a JSON array), to be used as the prefix of any later error about that row.
-Memory stays bounded for JSONL (one line at a time).
+Memory stays bounded for JSONL (one line at a time). Files compressed with gzip, bzip2 or xz (as public datasets
+often ship, e.g. ``train.jsonl.gz``) are read as they are: the format is told by the file's first bytes, not its
+name; a zstandard file (``.zst``) gets an error saying to decompress it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+
+
+# First bytes of compressed files -> the standard-library module that reads them.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "lzma"}
+_ZSTD = b"\x28\xb5\x2f\xfd"
+
+
+def open_bytes(path: Path):
+    """``path`` opened for reading bytes, decompressed on the fly when it is a gzip, bzip2 or xz file.
+
+    Raises:
+        ValueError: a zstandard-compressed file (naming it and the command that decompresses it).
+    """
+    import importlib
+
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(_ZSTD):
+        raise ValueError(f"{path}: zstandard-compressed, which is not read here; decompress it first "
+                         f"(zstd -d {path}) and point to the .jsonl/.json file")
+    for magic, module in _COMPRESSED.items():
+        if head.startswith(magic):
+            return importlib.import_module(module).open(path, "rb")
+    return open(path, "rb")
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -23,7 +49,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -51,7 +77,8 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
-    data = path.read_bytes()
+    with open_bytes(path) as f:
+        data = f.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -72,8 +99,8 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[str, dict]]:
 def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Rows of a ``.json`` file (one array, or JSONL content) or of any other file read as JSONL."""
     path = Path(path)
-    if path.suffix == ".json" and path.is_file():
-        with open(path, "rb") as f:
+    if ".json" in path.suffixes[-2:] and path.is_file():
+        with open_bytes(path) as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             return iter_json_array(path)
