@@ -430,3 +430,19 @@ def test_compressed_files_are_read_as_they_ship(tmp_path):
     (tmp_path / "train.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(16))
     with pytest.raises(ValueError, match=r"train.jsonl.zst: zstandard-compressed, .*decompress it first"):
         load_preferences(tmp_path / "train.jsonl.zst")
+
+
+def test_on_bad_row_skip_drops_and_counts_malformed_rows(tmp_path):
+    """A public file with a few broken rows (0.2% of HH-RLHF's test split): by default the first one stops the
+    load, naming its line; with skip_bad they are dropped and counted as "malformed"."""
+    good = {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4.", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5."}
+    lines = [json.dumps(good), "{not json", json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}), "[1, 2]",
+             json.dumps({**good, "chosen": "\n\nHuman: 3+3?\n\nAssistant: 6.",
+                         "rejected": "\n\nHuman: 3+3?\n\nAssistant: 7."})]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid JSON"):
+        load_preferences(path, "hh")
+    rows, report = load_preferences(path, "hh", skip_bad=True)
+    assert [r["chosen"] for r in rows] == ["4.", "6."]
+    assert (report.read, report.kept, report.dropped) == (5, 2, {"malformed": 3})

@@ -125,6 +125,7 @@ class RowSetSchema:
     format: str = MISSING
     columns: Optional[dict[str, str]] = MISSING  # canonical field -> the file column name
     system_prompt: Optional[str] = MISSING
+    on_bad_row: str = MISSING  # error (stop at the first) | skip (drop it, counted as "malformed")
 
 
 @dataclass
@@ -402,5 +403,7 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
         if d.max_corpus_mb is not None and d.max_corpus_mb <= 0:
             bad("data.max_corpus_mb", f"must be > 0 (or null for no cap), got {d.max_corpus_mb}")
         for key, formats in (("sft", SFT_FORMATS), ("preference", PREFERENCE_FORMATS)):
+            if d[key].on_bad_row not in ("error", "skip"):
+                bad(f"data.{key}.on_bad_row", f"expected error or skip, got {d[key].on_bad_row!r}")
             if d[key].format not in formats:
                 bad(f"data.{key}.format", f"expected one of {', '.join(formats)}, got {d[key].format!r}")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import sysconfig
@@ -248,8 +249,15 @@ def _user_sets(tasks: dict, sft: dict, preference: dict, fraction: float, seed: 
     for kind, spec, load in (("sft", sft, load_sft), ("pref", preference, load_preferences)):
         if not spec.get("path"):
             continue
-        rows, report = load(spec["path"], spec.get("format", "auto"), dict(spec.get("columns") or {}),
-                            spec.get("system_prompt"))
+        skip = spec.get("on_bad_row", "error") == "skip"
+        try:
+            rows, report = load(spec["path"], spec.get("format", "auto"), dict(spec.get("columns") or {}),
+                                spec.get("system_prompt"), skip_bad=skip)
+        except ValueError as err:  # a row at fault (file:line): say how to drop such rows instead
+            if skip or not re.match(rf"{re.escape(str(spec['path']))}(:\d+|\[\d+\]): ", str(err)):
+                raise
+            key = "sft" if kind == "sft" else "preference"
+            raise ValueError(f"{err} (to drop malformed rows and count them: data.{key}.on_bad_row=skip)") from err
         train, val = _split_rows(rows, fraction, seed)
         if not train or not val:
             raise ValueError(f"{spec['path']}: {len({prompt_key(r) for r in rows})} distinct prompt(s); at least 2 "

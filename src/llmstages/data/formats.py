@@ -55,12 +55,16 @@ every row dropped, an unknown format or column-mapping key. A missing file raise
 
 from __future__ import annotations
 
+import logging
+
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmstages.data.jsonio import iter_rows, require_fields
+
+log = logging.getLogger("llmstages")
 
 SFT_FORMATS = ("auto", "prompt_completion", "prompt_response", "alpaca", "messages", "sharegpt")
 PREFERENCE_FORMATS = ("auto", "explicit", "implicit", "hh")
@@ -88,15 +92,18 @@ class LoadReport:
 
 
 def load_sft(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
-             system_prompt: str | None = None) -> tuple[list[dict], LoadReport]:
-    """Canonical SFT rows of ``path`` (format ``fmt``, one of ``SFT_FORMATS``) and a report; see the module doc."""
-    return _load("SFT", path, fmt, columns, system_prompt, _SFT_FIELDS, _detect_sft, _sft_row)
+             system_prompt: str | None = None, skip_bad: bool = False) -> tuple[list[dict], LoadReport]:
+    """Canonical SFT rows of ``path`` (format ``fmt``, one of ``SFT_FORMATS``) and a report; see the module doc.
+    ``skip_bad``: a malformed row (invalid JSON, a missing or mistyped field) is dropped and counted as
+    ``malformed`` (the first few logged with their ``file:line``) instead of stopping the load."""
+    return _load("SFT", path, fmt, columns, system_prompt, _SFT_FIELDS, _detect_sft, _sft_row, skip_bad)
 
 
 def load_preferences(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None,
-                     system_prompt: str | None = None) -> tuple[list[dict], LoadReport]:
-    """Canonical preference rows of ``path`` (``fmt`` in ``PREFERENCE_FORMATS``) and a report; see the module doc."""
-    return _load("preference", path, fmt, columns, system_prompt, _PREF_FIELDS, _detect_pref, _pref_row)
+                     system_prompt: str | None = None, skip_bad: bool = False) -> tuple[list[dict], LoadReport]:
+    """Canonical preference rows of ``path`` (``fmt`` in ``PREFERENCE_FORMATS``) and a report; see the module doc
+    and :func:`load_sft` for ``skip_bad``."""
+    return _load("preference", path, fmt, columns, system_prompt, _PREF_FIELDS, _detect_pref, _pref_row, skip_bad)
 
 
 def read_canonical(path: str | Path, kind: str) -> list[dict]:
@@ -128,24 +135,35 @@ def common_prefix_prompt(chosen: list[dict], rejected: list[dict], where: str) -
     return prompt, chosen[-1]["content"], rejected[-1]["content"]
 
 
-def _load(kind, path, fmt, columns, system_prompt, table, detect, convert):
+def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_bad=False):
     """Shared driver: check ``fmt`` and ``columns``, detect from the first row, then convert or drop each row."""
     if fmt not in ("auto", *table):
         raise ValueError(f"{path}: unknown {kind} format {fmt!r} (choose from {['auto', *table]})")
     cols = dict(columns or {})
     _check_columns(path, fmt, cols, table)
     rows, dropped, read = [], Counter(), 0
-    for where, row in iter_rows(path):
-        if read == 0 and fmt == "auto":
-            fmt, cols = detect(where, row, cols)
-            _check_columns(path, fmt, cols, table)
-        read += 1
-        require_fields(where, row, [cols.get(f, f) for f in table[fmt]])
-        task_key = cols.get("task", "task")
-        task = row.get(task_key, "user")
-        if not isinstance(task, str):
-            raise ValueError(f"{where}: {task_key!r} must be a string, got {type(task).__name__}")
-        out = convert(fmt, where, row, cols, system_prompt)
+    for where, row in iter_rows(path, skip_bad=skip_bad):
+        try:
+            if isinstance(row, ValueError):  # a line that is not a JSON object (skip_bad only)
+                raise row
+            if fmt == "auto":  # detected from the first well-formed row
+                fmt, cols = detect(where, row, cols)
+                _check_columns(path, fmt, cols, table)
+            read += 1
+            require_fields(where, row, [cols.get(f, f) for f in table[fmt]])
+            task_key = cols.get("task", "task")
+            task = row.get(task_key, "user")
+            if not isinstance(task, str):
+                raise ValueError(f"{where}: {task_key!r} must be a string, got {type(task).__name__}")
+            out = convert(fmt, where, row, cols, system_prompt)
+        except ValueError as err:
+            if not skip_bad:
+                raise
+            read += isinstance(row, ValueError)
+            dropped["malformed"] += 1
+            if dropped["malformed"] <= 3:
+                log.warning("skipped (on_bad_row=skip): %s", err)
+            continue
         if isinstance(out, str):  # a drop reason
             dropped[out] += 1
         else:

@@ -38,8 +38,9 @@ def open_bytes(path: Path):
     return open(path, "rb")
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield ``("path:lineno", row)`` for each non-blank line of a JSONL file.
+def iter_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[str, dict]]:
+    """Yield ``("path:lineno", row)`` for each non-blank line of a JSONL file; with ``skip_bad``, a line that
+    is not a JSON object yields ``("path:lineno", ValueError)`` (the error below) and reading goes on.
 
     Raises:
         FileNotFoundError: no such file.
@@ -52,17 +53,23 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     with open_bytes(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from e
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: row must be an object, got {type(row).__name__}")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the "
+                                     "line)") from e
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{lineno}: row must be an object, got {type(row).__name__}")
+            except ValueError as e:
+                if not skip_bad:
+                    raise
+                row = e
             yield f"{path}:{lineno}", row
 
 
@@ -96,15 +103,16 @@ def iter_json_array(path: str | Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}[{i}]", row
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Rows of a ``.json`` file (one array, or JSONL content) or of any other file read as JSONL."""
+def iter_rows(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[str, dict]]:
+    """Rows of a ``.json`` file (one array, or JSONL content) or of any other file read as JSONL (``skip_bad``:
+    as :func:`iter_jsonl`; a JSON array is read whole, so its syntax errors always stop)."""
     path = Path(path)
     if ".json" in path.suffixes[-2:] and path.is_file():
         with open_bytes(path) as f:
             head = f.read(4096).lstrip()
         if head.startswith(b"["):
             return iter_json_array(path)
-    return iter_jsonl(path)
+    return iter_jsonl(path, skip_bad)
 
 
 def require_fields(where: str, row: dict, fields: tuple[str, ...] | list[str]) -> None:
