@@ -337,7 +337,7 @@ def test_write_token_files_round_trip(tmp_path, plain_tok):
 def test_write_token_files_errors(tmp_path, tok):
     one = write(tmp_path / "one.txt", "a single document")
     kw = dict(seed=0, val_fraction=0.1, vocab_size=tok.get_vocab_size(), progress=False)
-    with pytest.raises(ValueError, match=r"need at least 2 documents .* got 1"):
+    with pytest.raises(ValueError, match=r"need at least 2 documents .* got 1 \(.*one.txt; .*split a long file"):
         write_token_files(iter_corpus([str(one)]), tok, EOS, tmp_path / "t.bin", tmp_path / "v.bin", **kw)
     with pytest.raises(ValueError, match=r"token id \d+ >= vocab_size=300"):
         write_token_files(iter_corpus([str(tmp_path / "one.txt")]), tok, EOS, tmp_path / "t.bin",

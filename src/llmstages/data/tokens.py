@@ -178,6 +178,9 @@ def write_token_files(pieces: Iterable[Piece], tok: tokenizers.Tokenizer, eos_id
         bar.update(task, total=done_bytes, completed=done_bytes)
     train, val = stats[False], stats[True]
     if train.docs == 0:
+        names = ", ".join([*train.names, *val.names][:3])
         raise ValueError(f"need at least 2 documents for a train/validation split, got {train.docs + val.docs} "
-                         f"({val.docs} went to validation, val_fraction={val_fraction})")
+                         f"({names}; {val.docs} went to validation, val_fraction={val_fraction}). Each file (or "
+                         "row) is one document: split a long file into several first, e.g. `split -C 100k "
+                         "book.txt book/part-` and data.corpus='[book/]'")
     return TokenizeStats(train=train, val=val, counts=counts, seconds=time.perf_counter() - start)
