@@ -91,6 +91,7 @@ class LoggerSchema:
     wandb_mode: Optional[str] = MISSING  # None: online if WANDB_API_KEY is set, else offline
     wandb_dir: str = MISSING
     csv_dir: str = MISSING
+    system_metrics_every_s: float = MISSING  # MLflow's CPU/memory/GPU sampling interval; 0 = off
 
 
 @dataclass

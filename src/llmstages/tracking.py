@@ -219,6 +219,35 @@ def mlflow_system_tags(tags: dict[str, str], description: str = "") -> dict[str,
     return out
 
 
+def start_system_metrics(loggers: list, interval_s: float) -> list:
+    """Start MLflow's system-metrics sampler (CPU and memory use, GPU where one is present; the run page's
+    System metrics tab) on each MLflow run of ``loggers``, every ``interval_s`` seconds; returns the monitors
+    for :func:`stop_system_metrics`. Nothing where MLflow lacks it (``psutil`` missing)."""
+    import logging
+
+    monitors = []
+    for lg in loggers:
+        if type(lg).__name__ != "MLFlowLogger":
+            continue
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            return []
+        for name in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.system_metrics.metrics"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # not an INFO line at each start and stop
+        monitor = SystemMetricsMonitor(lg.run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=lg.experiment.tracking_uri)
+        monitor.start()
+        monitors.append(monitor)
+    return monitors
+
+
+def stop_system_metrics(monitors: list) -> None:
+    """Stop the samplers of :func:`start_system_metrics` (their last samples are written)."""
+    while monitors:
+        monitors.pop().finish()
+
+
 def where_tracked(loggers: list) -> list[str]:
     """One line per tracker saying where this run is recorded and how to look at it."""
     lines = []

@@ -28,7 +28,7 @@ from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
 from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_datasets, log_lineage, log_model, log_summary,
                         log_table, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
-                        tag_output, where_tracked)
+                        start_system_metrics, stop_system_metrics, tag_output, where_tracked)
 
 log = logging.getLogger("llmstages")
 
@@ -88,7 +88,9 @@ _OPEN: list["Stage"] = []  # stages started in this process and not finished (th
 def fail_open_stages() -> None:
     """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
     while _OPEN:
-        loggers = _OPEN.pop().loggers
+        stage = _OPEN.pop()
+        stop_system_metrics(stage.monitors)
+        loggers = stage.loggers
         for lg in loggers:
             lg.finalize("failed")
         end_parent_runs(loggers, "FAILED")
@@ -147,6 +149,8 @@ class Stage:
             write_json(ids_file, run_ids(self.loggers))
             for line in where_tracked(self.loggers):
                 log.info("%s: tracked as %s", name, line)
+        every = lc.get("system_metrics_every_s", 0)
+        self.monitors = start_system_metrics(self.loggers, every) if every and every > 0 else []
         flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
         # The precision the Trainer gets ("auto" resolved for this machine), in the log, meta.json and the trackers.
         self.precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator) if "trainer" in cfg else None
@@ -231,6 +235,7 @@ class Stage:
         write_json(self.out_dir / "metrics.json", metrics)
         outputs = tree_md5s([self.out_dir])
         output_md5 = combined_md5(outputs, self.out_dir)  # what a downstream stage finds as its input
+        stop_system_metrics(self.monitors)
         tag_output(self.loggers, output_md5)
         if self.name != "data":
             log_model(self.loggers, self.name, self.out_dir, output_md5,
