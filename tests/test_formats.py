@@ -37,7 +37,8 @@ def s(text):
 
 
 def test_format_tuples():
-    assert SFT_FORMATS == ("auto", "prompt_completion", "prompt_response", "alpaca", "messages", "sharegpt")
+    assert SFT_FORMATS == ("auto", "prompt_completion", "prompt_response", "alpaca", "messages", "sharegpt",
+                           "instances")
     assert PREFERENCE_FORMATS == ("auto", "explicit", "implicit", "hh")
 
 
@@ -243,7 +244,7 @@ def test_unknown_column_key_and_format(tmp_path):
     with pytest.raises(ValueError) as e:
         load_sft(path, fmt="chatml")
     assert str(e.value) == (f"{path}: unknown SFT format 'chatml' (choose from ['auto', 'prompt_completion', "
-                            "'prompt_response', 'alpaca', 'messages', 'sharegpt'])")
+                            "'prompt_response', 'alpaca', 'messages', 'sharegpt', 'instances'])")
     with pytest.raises(ValueError, match=re.escape(f"{path}: unknown preference format 'pairs'")):
         load_preferences(path, fmt="pairs")
 
@@ -446,3 +447,19 @@ def test_on_bad_row_skip_drops_and_counts_malformed_rows(tmp_path):
     rows, report = load_preferences(path, "hh", skip_bad=True)
     assert [r["chosen"] for r in rows] == ["4.", "6."]
     assert (report.read, report.kept, report.dropped) == (5, 2, {"malformed": 3})
+
+
+def test_instances_rows_give_one_example_per_instance(tmp_path):
+    """Natural-Instructions / Self-Instruct rows: an instruction and a list of instances (input, output)."""
+    path = jsonl(tmp_path, [{"instruction": "Add the numbers.", "instances": [{"input": "2 3", "output": "5"},
+                                                                             {"input": "", "output": "0"}]},
+                            {"instruction": "Say hi.", "instances": [{"output": "hi"}, {"input": "x", "output": " "}],
+                             "task": "greet"}])
+    rows, report = load_sft(path)
+    assert report.format == "instances" and (report.read, report.kept) == (2, 3)
+    assert rows == [{"messages": [u("Add the numbers.\n\n2 3"), a("5")], "task": "user"},
+                    {"messages": [u("Add the numbers."), a("0")], "task": "user"},
+                    {"messages": [u("Say hi."), a("hi")], "task": "greet"}]
+    bad = jsonl(tmp_path, [{"instruction": "Add.", "instances": [{"input": "1"}]}], name="bad.jsonl")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: instances\[0\]: 'output' must be a string, got NoneType"):
+        load_sft(bad)

@@ -15,11 +15,14 @@ SFT formats (``load_sft``), one row each:
 * ``sharegpt``: ``{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}``
 * ``alpaca``: ``{"instruction": "Add.", "input": "2+2", "output": "4"}``: user = instruction, plus "\\n\\n" + input
   when input is present and non-empty.
+* ``instances``: ``{"instruction": "Add.", "instances": [{"input": "2+2", "output": "4"}, ...]}`` (Natural
+  Instructions / Self-Instruct style): one example per instance, each as ``alpaca`` with the shared instruction;
+  ``LoadReport.kept`` counts examples.
 * ``prompt_completion``: ``{"prompt": "2+2=", "completion": "4"}``
 * ``prompt_response``: ``{"prompt": "2+2=", "response": "4"}``. In both, either side may be a message list
   instead of a string (TRL's conversational prompt-completion form).
 * ``auto``: from the first row's fields, in this order: messages -> messages; conversations -> sharegpt (or
-  messages when its first element has no "from"); instruction + output -> alpaca; prompt + completion ->
+  messages when its first element has no "from"); instruction + instances -> instances; instruction + output -> alpaca; prompt + completion ->
   prompt_completion; prompt + response -> prompt_response.
 
 Preference formats (``load_preferences``):
@@ -66,15 +69,16 @@ from llmstages.data.jsonio import iter_rows, require_fields
 
 log = logging.getLogger("llmstages")
 
-SFT_FORMATS = ("auto", "prompt_completion", "prompt_response", "alpaca", "messages", "sharegpt")
+SFT_FORMATS = ("auto", "prompt_completion", "prompt_response", "alpaca", "messages", "sharegpt", "instances")
 PREFERENCE_FORMATS = ("auto", "explicit", "implicit", "hh")
 
 # Required fields of each format (canonical names); ``columns`` may also map the optional keys below.
 _SFT_FIELDS = {"prompt_completion": ("prompt", "completion"), "prompt_response": ("prompt", "response"),
-               "alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
+               "alpaca": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",),
+               "instances": ("instruction", "instances")}
 _PREF_FIELDS = {"explicit": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
                 "hh": ("chosen", "rejected")}
-_OPTIONAL_KEYS = {"alpaca": ("input", "task"), "hh": ("task",)}  # any other format: role, content, task
+_OPTIONAL_KEYS = {"alpaca": ("input", "task"), "instances": ("input", "output", "task"), "hh": ("task",)}  # any other format: role, content, task
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
           "chatgpt": "assistant", "model": "assistant"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -166,8 +170,8 @@ def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_
             continue
         if isinstance(out, str):  # a drop reason
             dropped[out] += 1
-        else:
-            rows.append({**out, "task": task})
+        else:  # one row, or (instances) several
+            rows.extend({**o, "task": task} for o in (out if isinstance(out, list) else [out]))
     if read == 0:
         raise ValueError(f"{path}: empty file, expected {kind} rows with fields: {_describe(fmt, cols, table)}")
     if not rows:
@@ -199,7 +203,7 @@ def _detect_sft(where, row, cols):
         cols = dict(cols)  # role/content messages under "conversations": the messages format, renamed
         cols["messages"] = cols.pop("conversations", "conversations")
         return "messages", cols
-    for fmt in ("alpaca", "prompt_completion", "prompt_response"):
+    for fmt in ("instances", "alpaca", "prompt_completion", "prompt_response"):
         if all(cols.get(f, f) in row for f in _SFT_FIELDS[fmt]):
             return fmt, cols
     raise ValueError(f"{where}: cannot detect the SFT format from fields {sorted(row)}; expected one of: "
@@ -220,6 +224,22 @@ def _detect_pref(where, row, cols):
 
 
 def _sft_row(fmt, where, row, cols, system_prompt):
+    if fmt == "instances":  # one example per instance
+        key = cols.get("instances", "instances")
+        items = row[key]
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{where}: {key!r} must be a non-empty list of {{input, output}} objects, got "
+                             f"{type(items).__name__ if not isinstance(items, list) else 'an empty list'}")
+        out = []
+        for i, inst in enumerate(items):
+            if not isinstance(inst, dict):
+                raise ValueError(f"{where}: {key}[{i}] must be an object, got {type(inst).__name__}")
+            got = _sft_row("alpaca", f"{where}: {key}[{i}]", {**inst, "instruction": row[cols.get(
+                "instruction", "instruction")]}, {k: v for k, v in cols.items() if k in ("input", "output")},
+                system_prompt)
+            if isinstance(got, dict):
+                out.append(got)
+        return out or "empty_response"
     if fmt == "alpaca":
         instruction, output = (_string(where, row, cols.get(k, k)) for k in ("instruction", "output"))
         extra = _string(where, row, cols.get("input", "input"), optional=True)
