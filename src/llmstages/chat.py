@@ -75,9 +75,10 @@ def reply(model: GPT, tok: ChatTokenizer, messages: list[dict], sampling: Sampli
 
 
 def chat(model: GPT, tok: ChatTokenizer, sampling: Sampling, lines: Iterator[str],
-         write: Callable[[str], None], system: str | None = None) -> int:
+         write: Callable[[str], None], system: str | None = None, echo: bool = False) -> int:
     """Run the conversation: each of ``lines`` is a user message or a command (module docstring); ``write``
-    receives everything shown (the ``you>`` prompts included). Returns the number of replies given."""
+    receives everything shown (the ``you>`` prompts included; with ``echo``, each line read too, as piped
+    input is not shown by a terminal). Returns the number of replies given."""
     model.eval()
     generator = torch.Generator().manual_seed(sampling.seed)
     start = [{"role": "system", "content": system}] if system else []
@@ -88,6 +89,8 @@ def chat(model: GPT, tok: ChatTokenizer, sampling: Sampling, lines: Iterator[str
     while True:
         write("you> ")
         line = next(lines, None)
+        if echo and line is not None:
+            write(f"{line}\n")
         if line is None or line.strip() in ("/exit", "/quit"):
             write("\n")
             return replies

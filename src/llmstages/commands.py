@@ -122,7 +122,7 @@ def chat_cmd(argv: list[str]) -> int:
     write(f"chatting with {path} ({model.cfg.max_seq_len}-token context, temperature {args.temperature})\n")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     try:
-        chat(model, tok, sampling, read_lines(sys.stdin), write, system=args.system)
+        chat(model, tok, sampling, read_lines(sys.stdin), write, system=args.system, echo=not sys.stdin.isatty())
     except KeyboardInterrupt:
         write("\n")
     return 0

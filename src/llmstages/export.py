@@ -155,8 +155,16 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:  # a mapping error, not a user error
         raise RuntimeError(f"weights do not map onto {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+    from transformers.utils import logging as hf_logging
+
     folder.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(folder, safe_serialization=True)
+    if reward:  # a causal LM exported here before left one; a sequence classifier has none
+        (folder / "generation_config.json").unlink(missing_ok=True)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for one small file
+    try:
+        hf.save_pretrained(folder, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     tok.save(folder)
     write_json(folder / "llmstages.json", {**meta, "exported_from": str(output)})
     return folder
