@@ -257,7 +257,8 @@ def _user_sets(tasks: dict, sft: dict, preference: dict, fraction: float, seed: 
             if skip or not re.match(rf"{re.escape(str(spec['path']))}(:\d+|\[\d+\]): ", str(err)):
                 raise
             key = "sft" if kind == "sft" else "preference"
-            raise ValueError(f"{err} (to drop malformed rows and count them: data.{key}.on_bad_row=skip)") from err
+            raise ValueError(f"{err} (to drop malformed rows and count them: data.{key}.on_bad_row=skip)") \
+                from (err.__cause__ or err)  # the decoding error itself, as without the hint
         train, val = _split_rows(rows, fraction, seed)
         if not train or not val:
             raise ValueError(f"{spec['path']}: {len({prompt_key(r) for r in rows})} distinct prompt(s); at least 2 "
