@@ -107,8 +107,8 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
             assert model.name == stage and model.tags["output_md5"] == run.data.tags["output_md5"]
             assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} >= {"config.json",
                                                                                             "metrics.json"}
-    (version,) = client.search_model_versions("name = 'llmstages-policy'")
-    assert version.run_id == stage_runs["rlhf"].info.run_id
+    versions = client.search_model_versions("name = 'llmstages-policy'")  # other tests' rlhf runs add theirs
+    assert stage_runs["rlhf"].info.run_id in {v.run_id for v in versions}
     assert "dvc repro in the workspace" in parent.data.tags["mlflow.note.content"]
     assert parent.data.params["rlhf.algorithm"] == "ppo"
     assert parent.data.metrics["pretrain/val_loss"] == pytest.approx(metrics["pretrain"]["val_loss"])
