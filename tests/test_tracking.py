@@ -131,8 +131,8 @@ def test_a_copied_project_reads_and_writes_its_own_artifacts(tiny_run, tmp_path)
     before = sorted(p for p in (work / "outputs/mlartifacts").rglob("*"))
     env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf"), "LLMSTAGES_PIPELINE_RUN": "moved"}
     env.pop("WANDB_API_KEY", None)
-    p = subprocess.run([str(BIN / "llmstages"), "pretrain", *TINY["pretrain"], "trainer.max_steps=40",
-                        "out_dir=outputs/pre2", "logger.system_metrics_every_s=0.5"], cwd=copy, env=env,
+    p = subprocess.run([str(BIN / "llmstages"), "pretrain", *TINY["pretrain"], "trainer.max_steps=2",
+                        "out_dir=outputs/pre2"], cwd=copy, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{copy}/outputs/mlflow.db")
@@ -142,7 +142,6 @@ def test_a_copied_project_reads_and_writes_its_own_artifacts(tiny_run, tmp_path)
     assert len(runs) > 5 and all(r.info.artifact_uri.startswith(f"{copy}/outputs/mlartifacts/") for r in runs)
     (new,) = [r for r in runs if r.data.tags.get("pipeline_run") == "moved" and r.data.tags.get("stage")]
     assert "metrics.json" in {a.path for a in client.list_artifacts(new.info.run_id)}
-    assert new.data.metrics["system/cpu_utilization_percentage"] >= 0  # MLflow's System metrics tab
     old = next(r for r in runs if r.data.tags.get("stage") == "sft")
     assert "metrics.json" in {a.path for a in client.list_artifacts(old.info.run_id)}  # copied with the project
     assert sorted(p for p in (work / "outputs/mlartifacts").rglob("*")) == before
