@@ -315,14 +315,15 @@ def summarize_on_parent(client, run_id: str, stage: str, metrics: dict) -> None:
     """Log ``stage``'s key metrics (:data:`KEY_METRICS`) on the pipeline parent run of ``run_id`` as
     ``<stage>/<metric>``, and the RL algorithm as a param, so the runs table and chart view compare pipelines at
     a glance."""
-    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if not parent or client.get_run(parent).data.tags.get("llmstages_role") != "pipeline":
+    parent_id = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    parent = client.get_run(parent_id) if parent_id else None
+    if parent is None or parent.data.tags.get("llmstages_role") != "pipeline":
         return  # a sweep's parent: its jobs' values would overwrite one another (the sweep summary has them)
     for key in KEY_METRICS.get(stage, ()):
         if isinstance(metrics.get(key), (int, float)):
-            client.log_metric(parent, f"{stage}/{key}", float(metrics[key]))
-    if stage == "rlhf" and metrics.get("algorithm") and "rlhf.algorithm" not in client.get_run(parent).data.params:
-        client.log_param(parent, "rlhf.algorithm", str(metrics["algorithm"]))
+            client.log_metric(parent_id, f"{stage}/{key}", float(metrics[key]))
+    if stage == "rlhf" and metrics.get("algorithm") and "rlhf.algorithm" not in parent.data.params:
+        client.log_param(parent_id, "rlhf.algorithm", str(metrics["algorithm"]))
 
 
 def log_datasets(loggers: list, files: dict[str, str]) -> None:
