@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from llmstages.data.datasets import ShuffledPasses, SFTDataset, collate_pairs, collate_sft, task_weights
 from llmstages.data.tasks import arithmetic_qa
-from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, preference_accuracy, task_balanced,
-                                  wilson_interval, win_rate)
+from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, pair_logprobs, preference_accuracy,
+                                  task_balanced, wilson_interval, win_rate)
+from llmstages.losses import sequence_logprobs
 from llmstages.generation import Generation
 from llmstages.model import GPT, GPTConfig
 from llmstages.stages.sft import SFTModule
@@ -82,6 +83,24 @@ def test_preference_accuracy_hand_computed():
     assert (m["preference_accuracy_ci95_low"], m["preference_accuracy_ci95_high"]) == pytest.approx(wilson_interval(1, 3))
     assert m["preference_accuracy_arithmetic"] == 0.5 and m["preference_accuracy_explain"] == 0.0
     assert model.training  # the model's mode is restored
+
+
+def test_pair_logprobs_equal_full_logits_sums_and_gradients():
+    # The head at the response positions only gives the sums (and gradients) of every position's logits
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, max_seq_len=32))
+    items = [([1, 4, 5, 9, 2], [1, 4, 5, 7, 8, 3, 2], [0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 1]),
+             ([1, 6, 11, 12, 13, 2], [1, 6, 11, 2], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1])]
+    batch = collate_pairs(items, pad_id=0)
+    chosen, rejected = pair_logprobs(model, batch)
+    (chosen.sum() - 2 * rejected.sum()).backward()
+    fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    full = sequence_logprobs(model(tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
+    (full[:2].sum() - 2 * full[2:].sum()).backward()
+    assert torch.allclose(torch.cat([chosen, rejected]), full, atol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(fast, model.parameters()))
 
 
 def test_win_rate_counts_ties_half_and_balances_tasks():

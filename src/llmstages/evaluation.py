@@ -11,12 +11,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .data.datasets import PreferenceDataset, collate_pairs
 from .data.formats import read_canonical
 from .generation import Generation, generate, positions_from_mask
-from .losses import sequence_logprobs
+from .losses import token_logprobs
 from .model import GPT, ScalarHead, last_token_index
 
 
@@ -117,10 +117,19 @@ def answer_metrics(rows: list[dict], responses: list[str], gens: list[Generation
 
 def pair_logprobs(model: GPT, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probabilities (nats) of the chosen ``(B,)`` and rejected ``(B,)`` rows of a
-    :func:`~llmstages.data.datasets.collate_pairs` batch (``tokens``/``loss_mask`` ``(2B, T)``)."""
+    :func:`~llmstages.data.datasets.collate_pairs` batch (``tokens``/``loss_mask`` ``(2B, T)``).
+
+    The LM head and log-softmax run at the ``N`` response positions only (``(N, V)`` logits, not ``(2B, T, V)``):
+    the same sums as :func:`~llmstages.losses.sequence_logprobs` of every position's logits, without the prompt
+    and padding positions' share of the head. Right padding needs no attention mask: causal attention never
+    lets a real token see the padding after it."""
     tokens, mask = batch["tokens"], batch["loss_mask"]
-    logp = sequence_logprobs(model(tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
-    return logp.chunk(2)
+    targets, response = tokens[:, 1:], mask[:, 1:].bool()
+    hidden = model.hidden(tokens[:, :-1])  # (2B, T-1, D)
+    logp = token_logprobs(model.lm_head(hidden[response]), targets[response])  # (N,)
+    rows = torch.arange(len(tokens), device=tokens.device)[:, None].expand_as(response)[response]
+    sums = torch.zeros(len(tokens), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return sums.chunk(2)
 
 
 def task_balanced(name: str, values: torch.Tensor, tasks: list[str]) -> dict[str, float]:
@@ -138,11 +147,19 @@ def win_rate(scores: torch.Tensor, base_scores: torch.Tensor, tasks: list[str]) 
     return {**task_balanced("win_rate", wins, tasks), "tie_rate": task_balanced("t", scores == base_scores, tasks)["t"]}
 
 
-def heldout_pairs(path: Path, tok, max_len: int, batch_size: int = 64) -> tuple[DataLoader, list[str]]:
-    """The held-out preference pairs of ``path`` (canonical JSONL) as a DataLoader of
-    :func:`~llmstages.data.datasets.collate_pairs` batches in file order, and each kept pair's task."""
-    pairs = PreferenceDataset(read_canonical(path, "preference"), tok, max_len, "truncate_left", str(path))
-    return DataLoader(pairs, batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id)), pairs.tasks
+def heldout_pairs(path: Path, tok, max_len: int, limit: int = 0, batch_size: int = 64) -> tuple[DataLoader, list[str]]:
+    """The held-out preference pairs of ``path`` (canonical JSONL), at most ``limit`` of each task (the same
+    seeded sample as :func:`eval_subset`; ``0`` = all), as a DataLoader of
+    :func:`~llmstages.data.datasets.collate_pairs` batches, and each pair's task in loader order.
+
+    The loader goes through the pairs shortest first, so that each batch is padded to about its own length
+    (most held-out pairs are short sums, a few are long explanations): the same pairs and log-probabilities as
+    file order, at a fraction of the padded positions."""
+    rows = eval_subset(read_canonical(path, "preference"), limit)
+    pairs = PreferenceDataset(rows, tok, max_len, "truncate_left", str(path))
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs.items[i][0]), len(pairs.items[i][1])))
+    loader = DataLoader(Subset(pairs, order), batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id))
+    return loader, [pairs.tasks[i] for i in order]
 
 
 @torch.no_grad()

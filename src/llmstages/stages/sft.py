@@ -107,7 +107,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     log_encoding("sft", train=train.stats, val=val.stats)
     eval_rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     # Scored by DDP rank 0 only (the other processes only train; they start when rank 0 starts training).
-    pairs = heldout_pairs(data_dir / "pref_val.jsonl", tok, model.cfg.max_seq_len)
+    pairs = heldout_pairs(data_dir / "pref_val.jsonl", tok, model.cfg.max_seq_len, cfg.eval_limit)
     before = heldout_answers(model, tok, eval_rows, cfg.eval_max_new_tokens, pairs) if is_rank_zero() else {}
 
     stage = Stage("sft", cfg, out_dir, inputs=[data_dir, init])
