@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 
 from llmstages.data.datasets import ShuffledPasses, SFTDataset, collate_pairs, collate_sft, task_weights
 from llmstages.data.tasks import arithmetic_qa
-from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, pair_logprobs, preference_accuracy,
-                                  task_balanced, wilson_interval, win_rate)
+from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, pair_logprobs,
+                                  preference_accuracy, task_balanced, wilson_interval, win_rate)
 from llmstages.losses import sequence_logprobs
 from llmstages.generation import Generation
 from llmstages.model import GPT, GPTConfig
@@ -101,6 +101,24 @@ def test_pair_logprobs_equal_full_logits_sums_and_gradients():
     (full[:2].sum() - 2 * full[2:].sum()).backward()
     assert torch.allclose(torch.cat([chosen, rejected]), full, atol=1e-5)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(fast, model.parameters()))
+
+
+def test_heldout_pairs_keep_limit_per_task_shortest_first(tmp_path):
+    import json
+
+    tok = train_tokenizer(["What's 1 + 2? 3\nA long explanation of gravity for a child.\n"] * 4, vocab_size=300)
+    rows = [{"prompt": [{"role": "user", "content": f"What's {i} + 1?"}], "chosen": str(i + 1), "rejected": "x" * (i % 3 + 1),
+             "task": "arithmetic"} for i in range(10)]
+    rows += [{"prompt": [{"role": "user", "content": "Explain gravity " * (i + 1)}], "chosen": "It pulls.",
+              "rejected": "Spacetime curvature.", "task": "explain"} for i in range(2)]
+    path = tmp_path / "pref_val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loader, tasks = heldout_pairs(path, tok, max_len=64, limit=4, batch_size=3)
+    assert sorted(tasks) == ["arithmetic"] * 4 + ["explain"] * 2  # at most 4 of each task
+    lengths = [max(len(c), len(r)) for c, r, _, _ in loader.dataset]
+    assert lengths == sorted(lengths) and tasks[-2:] == ["explain", "explain"]  # shortest first, tasks aligned
+    assert [len(b["tokens"]) for b in loader] == [6, 6]  # 3 pairs a batch: chosen then rejected rows
+    assert len(heldout_pairs(path, tok, max_len=64)[1]) == 12  # limit 0: every pair
 
 
 def test_win_rate_counts_ties_half_and_balances_tasks():
