@@ -222,6 +222,14 @@ def test_bad_rlhf_settings_name_the_key(override, key):
         validate("rlhf", compose("rlhf", [override]))
 
 
+@pytest.mark.parametrize("override,key", [("eval_limit=-1", "eval_limit"), ("eval_max_new_tokens=0", "eval_max_new_tokens"),
+                                          ("eval_max_new_tokens=-1", "eval_max_new_tokens")])
+def test_bad_sft_evaluation_settings_name_the_key(override, key):
+    # a negative eval_limit reached random.sample ("Sample larger than population"), a negative token budget the KV cache
+    with pytest.raises(ConfigError, match=key):
+        validate("sft", compose("sft", [override]))
+
+
 def test_each_algorithm_has_its_own_group_with_paper_defaults():
     group = {a: OmegaConf.load(CONF / "rlhf_algorithm" / f"{a}.yaml") for a in ("ppo", "dpo", "grpo")}
     assert group["dpo"].beta == 0.1 and group["dpo"].sft_coef == 0.0 and group["dpo"].pairs == "offline"  # Rafailov et al.

@@ -342,6 +342,11 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
         for b in cfg.logger.backends:
             if b not in BACKENDS:
                 bad("logger.backends", f"unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
+    if stage == "sft":  # rlhf checks the same keys below, among its own
+        if cfg.eval_max_new_tokens <= 0:
+            bad("eval_max_new_tokens", f"must be > 0, got {cfg.eval_max_new_tokens}")
+        if cfg.eval_limit < 0:
+            bad("eval_limit", f"must be >= 0 (0 = every held-out question and pair), got {cfg.eval_limit}")
     if stage == "rlhf":
         own = {"ppo": "rollout_batch_size ppo_epochs", "grpo": "prompts_per_step epochs",
                "dpo": "batch_size max_len prompts_per_step epochs"}  # + the sampling keys they share
