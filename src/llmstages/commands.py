@@ -99,9 +99,7 @@ def chat_cmd(argv: list[str]) -> int:
     if path is None:
         sys.exit("llmstages chat: no outputs/rlhf or outputs/sft here; run `dvc repro` or name a model folder")
     from .chat import chat, read_lines
-    from .export import load_model
-
-    from .export import is_reward_model
+    from .export import is_reward_model, load_model
 
     try:
         if is_reward_model(path):

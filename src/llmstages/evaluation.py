@@ -158,7 +158,8 @@ def heldout_pairs(path: Path, tok, max_len: int, limit: int = 0, batch_size: int
     rows = eval_subset(read_canonical(path, "preference"), limit)
     pairs = PreferenceDataset(rows, tok, max_len, "truncate_left", str(path))
     order = sorted(range(len(pairs)), key=lambda i: max(len(pairs.items[i][0]), len(pairs.items[i][1])))
-    loader = DataLoader(Subset(pairs, order), batch_size=batch_size, collate_fn=partial(collate_pairs, pad_id=tok.pad_id))
+    collate = partial(collate_pairs, pad_id=tok.pad_id)
+    loader = DataLoader(Subset(pairs, order), batch_size=batch_size, collate_fn=collate)
     return loader, [pairs.tasks[i] for i in order]
 
 

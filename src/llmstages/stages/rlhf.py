@@ -93,8 +93,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     module = algo.module
     rows = eval_subset(read_jsonl(data_dir / "prompts_val.jsonl", PROMPT_FIELDS), cfg.eval_limit)
     max_new = cfg.eval_max_new_tokens
-    pairs, pair_tasks = heldout_pairs(data_dir / "pref_val.jsonl", tok, policy.cfg.max_seq_len,
-                                     cfg.eval_limit)
+    pairs, pair_tasks = heldout_pairs(data_dir / "pref_val.jsonl", tok, policy.cfg.max_seq_len, cfg.eval_limit)
     if is_rank_zero():  # under DDP the other processes only train
         sft_m, sft_scores, sft_texts = heldout_eval(reference, reward_model, reward_head, tok, rows, max_new, pairs,
                                                     pair_tasks)
