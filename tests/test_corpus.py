@@ -257,6 +257,27 @@ def test_huggingface_saved_folders_and_data_files(tmp_path):
 
 
 # --------------------------------------------------------------------------- max_bytes
+def test_doc_bytes_splits_a_long_text_file_into_documents_at_line_ends(tmp_path, tok):
+    lines = [f"Line {i:03d}: some words of the book.\n" for i in range(300)]  # 35 bytes each
+    text = "".join(lines[:150]) + "\n \n" + "".join(lines[150:])
+    book = write(tmp_path / "book.txt", text)
+    docs = docs_of(iter_corpus([str(book)], doc_bytes=1000))  # read in pieces of 125 bytes
+    assert [d[0] for d in docs] == list(range(len(docs))) and len(docs) == 10  # 10,503 bytes in 1,000-1,125
+    assert [d[1] for d in docs] == [f"{book}#{k}" for k in range(len(docs))]
+    assert "".join(d[2] for d in docs) == text  # nothing lost or repeated
+    assert all(1000 <= len(d[2]) <= 1125 for d in docs[:-1]) and 0 < len(docs[-1][2]) <= 1125
+    assert all(d[2].endswith("\n") and not d[2][0].isspace() for d in docs)  # cut after a whole line
+    # the ids of the parts are the ids of the file (the cuts are the pieces' safe cuts)
+    assert [i for d in docs for i in ids(tok, d[2])] == ids(tok, text)
+    # one document per file without it; a long whitespace run stays with the document before it
+    assert len(docs_of(iter_corpus([str(book)]))) == 1
+    write(tmp_path / "gap.txt", "first part\n" + " \n" * 50 + "last part\n")
+    assert [d[2].strip() for d in docs_of(iter_corpus([str(tmp_path / "gap.txt")], doc_bytes=20))] == [
+        "first part", "last part"]
+    with pytest.raises(ValueError, match=r"doc_bytes=0 must be >= 1"):
+        iter_corpus([str(book)], doc_bytes=0)
+
+
 def test_max_bytes_stops_before_the_document_that_would_exceed(tmp_path):
     for name, size in (("a", 10), ("b", 20), ("c", 30)):
         write(tmp_path / f"t/{name}.txt", "x" * size)
@@ -337,7 +358,7 @@ def test_write_token_files_round_trip(tmp_path, plain_tok):
 def test_write_token_files_errors(tmp_path, tok):
     one = write(tmp_path / "one.txt", "a single document")
     kw = dict(seed=0, val_fraction=0.1, vocab_size=tok.get_vocab_size(), progress=False)
-    with pytest.raises(ValueError, match=r"need at least 2 documents .* got 1 \(.*one.txt; .*split a long file"):
+    with pytest.raises(ValueError, match=r"need at least 2 documents .* got 1 \(.*one.txt; .*data\.max_doc_mb=0\.05"):
         write_token_files(iter_corpus([str(one)]), tok, EOS, tmp_path / "t.bin", tmp_path / "v.bin", **kw)
     with pytest.raises(ValueError, match=r"token id \d+ >= vocab_size=300"):
         write_token_files(iter_corpus([str(tmp_path / "one.txt")]), tok, EOS, tmp_path / "t.bin",

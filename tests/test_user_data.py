@@ -157,6 +157,23 @@ def test_corpus_formats_pretrain_through_config(work, fmt):
     assert m["steps"] == 2 and np.isfinite(m["val_loss"])
 
 
+def test_one_long_text_file_is_split_into_documents_by_max_doc_mb(work):
+    book = work / "book.txt"  # one file (a plain-text book as downloaded): one document, no validation split
+    book.write_text("".join(d + "\n" for d in DOCS))
+    n = len(book.read_bytes())
+    assert_exit("data", [*DATA, f"data.corpus=[{book}]"], "outputs/data-book", r"got 1 \(.*book\.txt.*"
+                r"data\.max_doc_mb=0\.05")
+    data_dir, dm = data_stage("book", ["data.max_doc_mb=0.001"], book)  # documents of 1,000 to 1,125 bytes
+    assert -(-n // 1125) <= dm["corpus_docs"] <= -(-n // 1000)
+    meta = json.loads(open(f"{data_dir}/meta.json").read())
+    assert meta["train_bytes"] + meta["val_bytes"] == n and meta["val_docs"][0] == f"{book}#0"
+    assert meta["n_train_docs"] >= 1 and meta["train_docs"][0].startswith(f"{book}#")
+    tokens = np.concatenate([np.fromfile(f"{data_dir}/{s}.bin", "<u2") for s in ("train", "val")])
+    assert int((tokens == load_tokenizer(data_dir).eos_id).sum()) == dm["corpus_docs"]
+    m = run_stage("pretrain", compose("pretrain", [*PRETRAIN, f"data_dir={data_dir}"]), "outputs/pre-book", "test")
+    assert m["steps"] == 2 and np.isfinite(m["val_loss"])
+
+
 def test_brought_tokenizer_survives_every_stage(work):
     """A GPT-2-style tokenizer (one special token, PAD = EOS): its ids and template are unchanged in every output."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

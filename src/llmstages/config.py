@@ -136,6 +136,7 @@ class DataSourceSchema:
     text_column: str = MISSING
     hf_split: str = MISSING
     max_corpus_mb: Optional[float] = MISSING  # None = no cap
+    max_doc_mb: Optional[float] = MISSING  # None = one text file, one document
     tokenizer: TokenizerSchema = field(default_factory=TokenizerSchema)
     sft: RowSetSchema = field(default_factory=RowSetSchema)
     preference: RowSetSchema = field(default_factory=RowSetSchema)
@@ -408,6 +409,9 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             bad("data.corpus_format", f"expected one of {', '.join(CORPUS_FORMATS)}, got {d.corpus_format!r}")
         if d.max_corpus_mb is not None and d.max_corpus_mb <= 0:
             bad("data.max_corpus_mb", f"must be > 0 (or null for no cap), got {d.max_corpus_mb}")
+        if d.max_doc_mb is not None and not d.max_doc_mb * 1e6 >= 1:
+            bad("data.max_doc_mb", f"must be at least 1e-6 (one byte), or null: one document per text file, got "
+                                   f"{d.max_doc_mb}")
         for key, formats in (("sft", SFT_FORMATS), ("preference", PREFERENCE_FORMATS)):
             if d[key].on_bad_row not in ("error", "skip"):
                 bad(f"data.{key}.on_bad_row", f"expected error or skip, got {d[key].on_bad_row!r}")

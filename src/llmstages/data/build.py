@@ -160,6 +160,7 @@ def build_data(
     text_column: str = "text",
     hf_split: str = "train",
     max_corpus_mb: float | None = 8.0,
+    max_doc_mb: float | None = None,
     tokenizer: dict | None = None,
     vocab_size: int = 4096,
     tokenizer_sample_mb: float = 64.0,
@@ -180,6 +181,9 @@ def build_data(
             the stdlib ``.py`` sources + pydoc topics in a seeded shuffled order.
         corpus_format / text_column / hf_split: how corpus files are read (``auto`` goes by file extension).
         max_corpus_mb: cap on corpus UTF-8 size in MB (10**6 bytes), by whole documents (>= 1); None = no cap.
+        max_doc_mb: split each text file of ``corpus`` into documents of about this many MB, at line ends
+            (e.g. one long book; see :func:`llmstages.data.corpus.iter_corpus`'s ``doc_bytes``); None = one file,
+            one document.
         tokenizer: ``{"path", "bos_token", "eos_token", "pad_token"}`` of a local Hugging Face tokenizer to use
             as is (see :func:`llmstages.tokenizer.load_tokenizer`); None or no path -> train byte-level BPE.
         vocab_size: vocabulary size of the trained tokenizer (262..2**20; token files are uint32 above 65536).
@@ -214,6 +218,8 @@ def build_data(
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
     if max_corpus_mb is not None and not max_corpus_mb > 0:
         raise ValueError(f"max_corpus_mb={max_corpus_mb} must be > 0 (or None for no cap)")
+    if max_doc_mb is not None and not max_doc_mb * MB >= 1:
+        raise ValueError(f"max_doc_mb={max_doc_mb} must be at least 1e-6 (one byte), or None: one document per file")
     if arithmetic_max < 0:
         raise ValueError(f"arithmetic_max={arithmetic_max} must be >= 0")
     if arithmetic_corpus_passes < 0:
@@ -226,7 +232,8 @@ def build_data(
     tmp.mkdir()
     try:
         metrics = _build_into(tmp, corpus=corpus, corpus_format=corpus_format, text_column=text_column,
-                              hf_split=hf_split, max_corpus_mb=max_corpus_mb, tokenizer=tokenizer or {},
+                              hf_split=hf_split, max_corpus_mb=max_corpus_mb, max_doc_mb=max_doc_mb,
+                              tokenizer=tokenizer or {},
                               vocab_size=vocab_size, tokenizer_sample_mb=tokenizer_sample_mb,
                               val_fraction=val_fraction, seed=seed, arithmetic_max=arithmetic_max,
                               heldout_fraction=heldout_fraction, arithmetic_corpus_passes=arithmetic_corpus_passes,
@@ -271,9 +278,9 @@ def _user_sets(tasks: dict, sft: dict, preference: dict, fraction: float, seed: 
     return counts
 
 
-def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_corpus_mb, tokenizer, vocab_size,
-                tokenizer_sample_mb, val_fraction, seed, arithmetic_max, heldout_fraction, arithmetic_corpus_passes,
-                sft, preference, progress) -> dict:
+def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_corpus_mb, max_doc_mb, tokenizer,
+                vocab_size, tokenizer_sample_mb, val_fraction, seed, arithmetic_max, heldout_fraction,
+                arithmetic_corpus_passes, sft, preference, progress) -> dict:
     # Task sets first: user-file errors surface before the expensive corpus work.
     tasks = _default_tasks(arithmetic_max, seed, heldout_fraction)
     user_counts = _user_sets(tasks, sft, preference, heldout_fraction, seed)
@@ -289,6 +296,7 @@ def _build_into(tmp: Path, *, corpus, corpus_format, text_column, hf_split, max_
             docs = _stdlib_pieces(seed, max_bytes)
         else:
             docs = iter_corpus(list(corpus), corpus_format, text_column, max_bytes=max_bytes, hf_split=hf_split,
+                               doc_bytes=None if max_doc_mb is None else int(max_doc_mb * MB),
                                dropped=dropped)
         n = -1
         for p in docs:

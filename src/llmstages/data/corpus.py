@@ -239,11 +239,35 @@ def _file_kind(path: Path, fmt: str) -> str:
     return "jsonl" if suffix in JSONL_SUFFIXES else "parquet" if suffix == ".parquet" else "text"
 
 
-def _file_docs(files: list[Path], fmt: str, column: str, piece_bytes: int) -> Iterator[Doc]:
+def _text_docs(path: Path, piece_bytes: int, doc_bytes: int | None) -> Iterator[Doc]:
+    """A text file as one document, or (``doc_bytes``) as documents ``"path#k"`` (k = 0, 1, ...) of about
+    ``doc_bytes`` UTF-8 bytes each: the file is read in pieces of ``min(piece_bytes, doc_bytes // 8)`` bytes, cut
+    at a line end where the piece has one (else between words, :func:`_last_cut`), and a document ends after the
+    piece that takes it to ``doc_bytes`` or more (so up to about 1.125 x ``doc_bytes``). Whitespace-only parts
+    give no piece (dropped)."""
+    if doc_bytes is None:
+        yield str(path), path.stat().st_size, _text_pieces(path, piece_bytes)
+        return
+    part: list[str] = []
+    size = k = 0
+    for text, last in _text_pieces(path, max(1, min(piece_bytes, doc_bytes // 8))):
+        part.append(text)
+        size += _utf8_len(text)
+        if size >= doc_bytes or last:
+            if "".join(part).strip():
+                yield f"{path}#{k}", size, [(t, i == len(part) - 1) for i, t in enumerate(part)]
+            else:
+                yield f"{path}#{k}", 0, ()
+            k += 1
+            part, size = [], 0
+
+
+def _file_docs(files: list[Path], fmt: str, column: str, piece_bytes: int,
+               doc_bytes: int | None = None) -> Iterator[Doc]:
     for path in files:
         kind = _file_kind(path, fmt)
         if kind == "text":
-            yield str(path), path.stat().st_size, _text_pieces(path, piece_bytes)
+            yield from _text_docs(path, piece_bytes, doc_bytes)
         elif kind == "jsonl":
             yield from _row_docs(_jsonl_rows(path, column))
         else:
@@ -271,7 +295,8 @@ def _capped(docs: Iterable[Doc], max_bytes: int | None, dropped: collections.Cou
 
 def iter_corpus(patterns: list[str], fmt: str = "auto", text_column: str = "text", *,
                 max_bytes: int | None = None, hf_split: str = "train",
-                dropped: collections.Counter | None = None, piece_bytes: int = 1 << 16) -> Iterator[Piece]:
+                dropped: collections.Counter | None = None, piece_bytes: int = 1 << 16,
+                doc_bytes: int | None = None) -> Iterator[Piece]:
     """Stream the documents of a corpus as :class:`Piece` s, in corpus order, with bounded memory.
 
     Args:
@@ -287,12 +312,15 @@ def iter_corpus(patterns: list[str], fmt: str = "auto", text_column: str = "text
         dropped: if given, ``dropped["empty"]`` is increased for each document skipped because its text is
             empty, whitespace only or null.
         piece_bytes: text files are read in blocks and yielded in pieces of about this many bytes.
+        doc_bytes: split each text file into documents of about this many UTF-8 bytes, ending at line ends
+            where the text has them (named ``"path#k"``; see :func:`_text_docs`); None: one file, one document.
+            Rows of JSONL, parquet and hf corpora are documents as they are.
 
     Returns:
         A lazy iterator. Format, file and folder problems are raised here; content problems while iterating.
 
     Raises:
-        ValueError: unknown ``fmt`` (listing the choices), ``piece_bytes < 1``; while iterating: a text file
+        ValueError: unknown ``fmt`` (listing the choices), ``piece_bytes < 1``, ``doc_bytes < 1``; while iterating: a text file
             that is not UTF-8 (``path:lineno``), a JSONL row that is invalid, lacks ``text_column`` or has a
             non-string value (``path:lineno``), a parquet file or hf dataset without ``text_column``
             (listing the columns found), an hf ``DatasetDict`` without ``hf_split`` (listing the splits).
@@ -302,6 +330,8 @@ def iter_corpus(patterns: list[str], fmt: str = "auto", text_column: str = "text
         raise ValueError(f"unknown corpus format {fmt!r}; choose one of {list(FORMATS)}")
     if piece_bytes < 1:
         raise ValueError(f"piece_bytes={piece_bytes} must be >= 1")
+    if doc_bytes is not None and doc_bytes < 1:
+        raise ValueError(f"doc_bytes={doc_bytes} must be >= 1 (or None: one document per file)")
     dropped = collections.Counter() if dropped is None else dropped
     if fmt == "hf":
         from .columnar import hf_rows, hf_source  # datasets only when an hf corpus is read
@@ -313,5 +343,5 @@ def iter_corpus(patterns: list[str], fmt: str = "auto", text_column: str = "text
                                              for pat, src in sources)
         docs: Iterable[Doc] = _row_docs(rows)
     else:
-        docs = _file_docs(find_files(patterns), fmt, text_column, piece_bytes)
+        docs = _file_docs(find_files(patterns), fmt, text_column, piece_bytes, doc_bytes)
     return _capped(docs, max_bytes, dropped)

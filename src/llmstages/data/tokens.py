@@ -181,6 +181,6 @@ def write_token_files(pieces: Iterable[Piece], tok: tokenizers.Tokenizer, eos_id
         names = ", ".join([*train.names, *val.names][:3])
         raise ValueError(f"need at least 2 documents for a train/validation split, got {train.docs + val.docs} "
                          f"({names}; {val.docs} went to validation, val_fraction={val_fraction}). Each file (or "
-                         "row) is one document: split a long file into several first, e.g. `split -C 100k "
-                         "book.txt book/part-` and data.corpus='[book/]'")
+                         "row) is one document: to split a long text file into documents of about 50 kB at line ends, "
+                         "set data.max_doc_mb=0.05")
     return TokenizeStats(train=train, val=val, counts=counts, seconds=time.perf_counter() - start)

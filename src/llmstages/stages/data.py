@@ -17,7 +17,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     stage = Stage("data", cfg, out_dir, inputs=inputs)
     metrics = build_data(out_dir, corpus=src["corpus"], corpus_format=src["corpus_format"],
                          text_column=src["text_column"], hf_split=src["hf_split"], max_corpus_mb=src["max_corpus_mb"],
-                         tokenizer=src["tokenizer"], vocab_size=cfg.vocab_size,
+                         max_doc_mb=src["max_doc_mb"], tokenizer=src["tokenizer"], vocab_size=cfg.vocab_size,
                          tokenizer_sample_mb=cfg.tokenizer_sample_mb, val_fraction=cfg.val_fraction, seed=cfg.seed,
                          arithmetic_max=cfg.arithmetic_max, heldout_fraction=cfg.heldout_fraction,
                          arithmetic_corpus_passes=cfg.arithmetic_corpus_passes, sft=src["sft"],
