@@ -434,16 +434,23 @@ def test_compressed_files_are_read_as_they_ship(tmp_path):
 
 
 def test_on_bad_row_skip_drops_and_counts_malformed_rows(tmp_path):
-    """A public file with a few broken rows (0.2% of HH-RLHF's test split): by default the first one stops the
-    load, naming its line; with skip_bad they are dropped and counted as "malformed"."""
+    """A public file with a few broken rows (0.2% of HH-RLHF's test split): by default they stop the load, each
+    named with its line (the first 20); with skip_bad they are dropped and counted as "malformed"."""
     good = {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4.", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5."}
     lines = [json.dumps(good), "{not json", json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b"}), "[1, 2]",
              json.dumps({**good, "chosen": "\n\nHuman: 3+3?\n\nAssistant: 6.",
                          "rejected": "\n\nHuman: 3+3?\n\nAssistant: 7."})]
     path = tmp_path / "hh.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=rf"{path}:2: invalid JSON"):
+    with pytest.raises(ValueError) as err:
         load_preferences(path, "hh")
+    assert str(err.value) == (f"{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column "
+                              f"2) [3 malformed rows of 5; also {path}:3: missing field 'rejected' (required "
+                              f"['chosen', 'rejected'], found ['chosen']); {path}:4: row must be an object, got list]")
+    path.with_name("many.jsonl").write_text("{not json\n" * 25 + json.dumps(good) + "\n")
+    with pytest.raises(ValueError, match=r"many\.jsonl:1: invalid JSON .*\[25 malformed rows of 26; also .*"
+                                         r"many\.jsonl:20: invalid JSON [^;]*, \.\.\.\]$"):
+        load_preferences(path.with_name("many.jsonl"), "hh")
     rows, report = load_preferences(path, "hh", skip_bad=True)
     assert [r["chosen"] for r in rows] == ["4.", "6."]
     assert (report.read, report.kept, report.dropped) == (5, 2, {"malformed": 3})

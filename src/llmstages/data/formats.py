@@ -84,6 +84,9 @@ _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "ass
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
+MAX_LISTED = 20  #: malformed rows named in the error of a load that does not skip them
+
+
 @dataclass
 class LoadReport:
     """What a load did: the file, the format used (auto resolved), rows read and kept, drops by reason."""
@@ -99,7 +102,8 @@ def load_sft(path: str | Path, fmt: str = "auto", columns: dict[str, str] | None
              system_prompt: str | None = None, skip_bad: bool = False) -> tuple[list[dict], LoadReport]:
     """Canonical SFT rows of ``path`` (format ``fmt``, one of ``SFT_FORMATS``) and a report; see the module doc.
     ``skip_bad``: a malformed row (invalid JSON, a missing or mistyped field) is dropped and counted as
-    ``malformed`` (the first few logged with their ``file:line``) instead of stopping the load."""
+    ``malformed`` (the first few logged with their ``file:line``); without it the whole file is read and then a
+    ``ValueError`` names the first :data:`MAX_LISTED` malformed rows (``file:line: reason``) and their count."""
     return _load("SFT", path, fmt, columns, system_prompt, _SFT_FIELDS, _detect_sft, _sft_row, skip_bad)
 
 
@@ -145,8 +149,8 @@ def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_
         raise ValueError(f"{path}: unknown {kind} format {fmt!r} (choose from {['auto', *table]})")
     cols = dict(columns or {})
     _check_columns(path, fmt, cols, table)
-    rows, dropped, read = [], Counter(), 0
-    for where, row in iter_rows(path, skip_bad=skip_bad):
+    rows, dropped, read, errors = [], Counter(), 0, []
+    for where, row in iter_rows(path, skip_bad=True):  # past a broken line: to count (skip) or list (error) all
         try:
             if isinstance(row, ValueError):  # a line that is not a JSON object (skip_bad only)
                 raise row
@@ -161,17 +165,24 @@ def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_
                 raise ValueError(f"{where}: {task_key!r} must be a string, got {type(task).__name__}")
             out = convert(fmt, where, row, cols, system_prompt)
         except ValueError as err:
-            if not skip_bad:
-                raise
             read += isinstance(row, ValueError)
             dropped["malformed"] += 1
-            if dropped["malformed"] <= 3:
+            if skip_bad and dropped["malformed"] <= 3:
                 log.warning("skipped (on_bad_row=skip): %s", err)
+            elif not skip_bad and len(errors) < MAX_LISTED:
+                errors.append(err)
             continue
         if isinstance(out, str):  # a drop reason
             dropped[out] += 1
         else:  # one row, or (instances) several
             rows.extend({**o, "task": task} for o in (out if isinstance(out, list) else [out]))
+    if errors:  # on_bad_row=error: every malformed row stops the load; the first MAX_LISTED are named
+        n = dropped["malformed"]
+        if n == 1:
+            raise errors[0]
+        more = "; ".join(str(e) for e in errors[1:]) + (", ..." if n > len(errors) else "")
+        raise ValueError(f"{errors[0]} [{n} malformed rows of {read}; also {more}]") from (errors[0].__cause__
+                                                                                          or errors[0])
     if read == 0:
         raise ValueError(f"{path}: empty file, expected {kind} rows with fields: {_describe(fmt, cols, table)}")
     if not rows:
