@@ -87,9 +87,14 @@ def test_exported_reward_model_scores_as_ours(tiny_run, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-4) and not torch.allclose(ours[0], ours[1])
 
 
-def random_llama(folder: Path, corpus: Path) -> int:
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def random_llama(folder: Path, corpus: Path, template: str | None = None) -> int:
     """A random tiny ``LlamaForCausalLM`` saved by ``transformers`` with a tokenizer of its own (BPE with
-    ``<s>``/``</s>`` and no chat-role tokens), as a user would have on disk. Returns its vocabulary size."""
+    ``<s>``/``</s>`` and no chat-role tokens), as a user would have on disk; with ``template``, a chat model's:
+    ``<|im_start|>``/``<|im_end|>`` (its EOS) and that chat template. Returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -97,9 +102,11 @@ def random_llama(folder: Path, corpus: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     text = corpus.read_text(encoding="utf-8", errors="ignore")[:200_000].splitlines()
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+    chat = ["<|im_start|>", "<|im_end|>"] if template else []
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *chat],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>" if template else
+                                   "</s>", unk_token="<unk>", chat_template=template)
     fast.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -150,6 +157,49 @@ def test_stages_fine_tune_a_transformers_llama_and_export_it_back(tiny_run, tmp_
     with torch.no_grad():
         assert (policy(x) - hf(x).logits).abs().max() < 1e-4
         assert not torch.allclose(policy(x)[..., :vocab], theirs, atol=1e-3)  # it was trained
+
+
+def test_a_brought_chat_model_keeps_its_own_chat_template(tiny_run, tmp_path, monkeypatch):
+    """A LlamaForCausalLM folder whose tokenizer has a ChatML template: the import keeps it (no role tokens
+    added), our ids equal ``apply_chat_template``'s, the loss mask covers exactly the assistant turns up to their
+    EOS (``<|im_end|>``), and sft trains with it and exports it back."""
+    from transformers import AutoTokenizer
+
+    from llmstages.cli import run_stage
+    from llmstages.export import import_hf
+
+    work, _ = tiny_run
+    base = tmp_path / "chat-llama"
+    vocab = random_llama(base, work / "outputs/data/sft_train.jsonl", template=CHATML)
+    _, _, tok = import_hf(base)
+    assert tok.template == CHATML and tok.vocab_size == vocab and tok.eos == "<|im_end|>"  # nothing added
+    theirs = AutoTokenizer.from_pretrained(base)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What's 2 + 2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 12 + 7?"},
+            {"role": "assistant", "content": "It is 19."}]
+
+    def hf_ids(messages, generation_prompt):
+        out = theirs.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ids, mask = tok.encode_chat(conv)
+    assert ids == hf_ids(conv, False) and len(mask) == len(ids)
+    turns = theirs.decode([t for t, m in zip(ids, mask) if m])
+    assert turns == "4<|im_end|>It is 19.<|im_end|>"  # the "\n" after each <|im_end|> is not learned
+    assert tok.encode_prompt(conv[:2]) == hf_ids(conv[:2], True)
+    assert tok.encode_prompt(conv[:2]) + tok.encode_response(conv[:2], "4") == ids[: len(hf_ids(conv[:3], False)) - 1]
+    assert theirs.decode(tok.encode_prompt("Hi")) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+    monkeypatch.chdir(tmp_path)
+    sft = run_stage("sft", compose("sft", [*TINY["sft"], f"data_dir={work}/outputs/data", f"init_from={base}",
+                                           "logger=none", "trainer.max_steps=4", "trainer.val_check_interval=2"]),
+                    "outputs/sft", source="test")
+    assert 0 < sft["val_loss"] < float("inf")
+    assert load_tokenizer(tmp_path / "outputs/sft", keep_template=True).template == CHATML
+    export(tmp_path / "outputs/sft", tmp_path / "back")
+    back = AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.chat_template == CHATML and back.apply_chat_template(conv, tokenize=False) == theirs.apply_chat_template(
+        conv, tokenize=False)
 
 
 def test_import_refuses_llama_variants_our_model_lacks(tmp_path):

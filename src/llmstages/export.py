@@ -148,7 +148,7 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
         raise ValueError(f"{output}: the reward head has a bias ({float(head.linear.bias):.6g}), which "
                          "LlamaForSequenceClassification's score head lacks (reward models trained since "
                          "2026-12-06 have none): retrain it with `llmstages reward`")
-    tok = load_tokenizer(output)
+    tok = load_tokenizer(output, keep_template=True)
     config = llama_config(model.cfg, tok, reward)
     hf = (LlamaForSequenceClassification if reward else LlamaForCausalLM)(config)
     missing, unexpected = hf.load_state_dict(to_llama_state_dict(model, head), strict=False)
@@ -242,7 +242,7 @@ def import_hf(folder: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         head = ScalarHead(cfg.d_model, bias=False)
         with torch.no_grad():
             head.linear.weight.copy_(sd["score.weight"])
-    tok = load_tokenizer(folder)
+    tok = load_tokenizer(folder, keep_template=True)
     grow_vocab(model, tok.vocab_size)
     return model, head, tok
 
@@ -279,4 +279,4 @@ def load_model(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarHe
     if is_hf_checkpoint(path):
         return import_hf(path, with_head)
     model, head, _ = load_output(path, with_head)
-    return model, head, load_tokenizer(path)
+    return model, head, load_tokenizer(path, keep_template=True)

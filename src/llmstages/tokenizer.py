@@ -17,7 +17,11 @@ Chat layout (the Jinja form is :func:`chat_template`; :meth:`ChatTokenizer.encod
     loss mask: 1 on every assistant response token and the EOS that ends it, 0 elsewhere
 
 The model is trained from scratch by the pipeline, so this template is the one it learns; a brought
-tokenizer's own ``chat_template`` is replaced (a warning says so).
+tokenizer's own ``chat_template`` is replaced (a warning says so). A brought *model* (a Hugging Face checkpoint
+folder that starts a stage) keeps its own template when it has one (``keep_template``): then the conversation is
+rendered by that Jinja template as ``transformers``' ``apply_chat_template`` renders it, and the loss mask covers
+each assistant turn as the template writes it (up to and including the first EOS in it), found by rendering the
+conversation up to that turn with and without it (:meth:`ChatTokenizer.encode_chat`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 log = logging.getLogger("llmstages")
 
-TOKENIZER_FILE, CONFIG_FILE = "tokenizer.json", "tokenizer_config.json"
+TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE = "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 #: Specials of a tokenizer trained here, in id order 0..5.
@@ -61,17 +65,29 @@ class ChatTokenizer:
     bos: str
     eos: str
     pad: str
+    template: str | None = None  # a brought model's own Jinja chat template; None: llmstages' role-token layout
 
     def __post_init__(self) -> None:
         self.tok.encode_special_tokens = True  # not serialised by tokenizers: set on every construction
+        roles = () if self.template else ROLE_TOKENS.items()  # an own template spells the roles its own way
         ids = {name: self.tok.token_to_id(t) for name, t in (("bos", self.bos), ("eos", self.eos), ("pad", self.pad),
-                                                              *ROLE_TOKENS.items())}
+                                                              *roles)}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer has no token for {missing} (bos={self.bos!r}, eos={self.eos!r}, "
                              f"pad={self.pad!r}, roles={list(ROLE_TOKENS.values())})")
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
-        self.role_ids = {r: ids[r] for r in ROLES}
+        self.role_ids = {r: ids[r] for r in ROLES if r in ids}
+        if self.template:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def refuse(message: str):
+                raise ValueError(f"the chat template refused the conversation: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
+            env.globals["raise_exception"] = refuse
+            self._jinja = env.from_string(self.template)
+            self._with_specials = Tokenizer.from_str(self.tok.to_str())  # the rendered text's special tokens count
 
     @property
     def vocab_size(self) -> int:
@@ -80,7 +96,14 @@ class ChatTokenizer:
 
     @property
     def chat_template(self) -> str:
-        return chat_template(self.bos, self.eos)
+        return self.template or chat_template(self.bos, self.eos)
+
+    def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self._jinja.render(messages=list(messages), add_generation_prompt=generation_prompt,
+                                  bos_token=self.bos, eos_token=self.eos, pad_token=self.pad)
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        return self._with_specials.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain ``text`` (no special tokens added)."""
@@ -99,9 +122,17 @@ class ChatTokenizer:
         The mask is 1 on each assistant message's tokens and the EOS that closes it, 0 on BOS, role tokens,
         system and user text.
 
+        With an own ``template``: the rendered text, cut before and after each assistant turn (the render of the
+        messages before it with the generation prompt, then with it), each part tokenized with special tokens
+        recognised; the mask is 1 on the assistant turn's tokens up to and including its first EOS.
+
         Raises:
-            ValueError: a role other than system/user/assistant.
+            ValueError: a role other than system/user/assistant; with an own template, a template that refuses
+                the conversation or whose render of a conversation does not start with the render of its first
+                messages (it cannot mark assistant turns).
         """
+        if self.template:
+            return self._encode_with_template(messages)
         ids, mask = [self.bos_id], [0]
         for m in messages:
             if m["role"] not in self.role_ids:
@@ -117,10 +148,49 @@ class ChatTokenizer:
                 mask += [0] * len(body)
         return ids, mask
 
+    def _encode_with_template(self, messages: Sequence[dict],
+                              generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Ids and mask by the own template, tokenized in parts cut before and after each assistant turn (so
+        that :meth:`encode_prompt` of the first messages is a prefix of the whole conversation's ids)."""
+        cuts: list[tuple[str, bool]] = []  # (render ending a part, whether that part is an assistant turn)
+        for i, m in enumerate(messages):
+            if m["role"] not in ROLES:
+                raise ValueError(f"unknown chat role {m['role']!r} (expected one of {list(ROLES)})")
+            if m["role"] == "assistant":
+                cuts += [(self._render(messages[:i], True), False), (self._render(messages[:i + 1], False), True)]
+        cuts.append((self._render(messages, generation_prompt), False))
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""  # the text tokenized so far
+        for text, is_turn in cuts:
+            if not text.startswith(done):
+                raise ValueError("the chat template renders a conversation so that it does not start with the "
+                                 "render of its first messages, so its assistant turns cannot be told apart for the "
+                                 "loss mask; train with llmstages' template instead (a folder without chat_template)")
+            part = self._encode_rendered(text[len(done):])
+            turn = (part.index(self.eos_id) + 1 if self.eos_id in part else len(part)) if is_turn else 0
+            ids += part
+            mask += [1] * turn + [0] * (len(part) - turn)
+            done = text
+        return ids, mask
+
     def encode_prompt(self, prompt: str | Sequence[dict]) -> list[int]:
-        """Generation prompt ids: the conversation (a string is one user message) then the assistant token."""
+        """Generation prompt ids: the conversation (a string is one user message) then the assistant token (with
+        an own template: its render with ``add_generation_prompt``)."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if self.template:
+            return self._encode_with_template(messages, generation_prompt=True)[0]
         return self.encode_chat(messages)[0] + [self.role_ids["assistant"]]
+
+    def encode_response(self, prompt: str | Sequence[dict], response: str) -> list[int]:
+        """Ids of ``response`` as the assistant's reply after :meth:`encode_prompt` ``(prompt)``: its tokens and
+        EOS (with an own template: the turn as the template writes it, up to and including its first EOS)."""
+        if not self.template:
+            return self.encode(response) + [self.eos_id]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids, mask = self._encode_with_template([*messages, {"role": "assistant", "content": response}])
+        n = len(self.encode_prompt(messages))
+        return [t for t, m in zip(ids[n:], mask[n:]) if m]
 
     def save(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (created); returns ``folder``."""
@@ -128,7 +198,7 @@ class ChatTokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TOKENIZER_FILE).write_text(self.tok.to_str(), encoding="utf-8")
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos, "eos_token": self.eos,
-                  "pad_token": self.pad, "additional_special_tokens": list(ROLE_TOKENS.values()),
+                  "pad_token": self.pad, "additional_special_tokens": [] if self.template else list(ROLE_TOKENS.values()),
                   "chat_template": self.chat_template, "clean_up_tokenization_spaces": False}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
@@ -171,7 +241,7 @@ def _token_name(value) -> str | None:
 
 
 def load_tokenizer(path: str | Path, *, bos_token: str | None = None, eos_token: str | None = None,
-                   pad_token: str | None = None) -> ChatTokenizer:
+                   pad_token: str | None = None, keep_template: bool = False) -> ChatTokenizer:
     """Load a tokenizer saved by :meth:`ChatTokenizer.save`, or bring a Hugging Face one.
 
     ``path`` is a ``tokenizer.json`` file or a folder holding one (and usually ``tokenizer_config.json``).
@@ -179,6 +249,11 @@ def load_tokenizer(path: str | Path, *, bos_token: str | None = None, eos_token:
     :data:`KNOWN_EOS` in the vocabulary. A missing BOS becomes ``<|bos|>`` (added); a missing PAD is the EOS
     (padding is always masked by length, never by id, so PAD == EOS is safe). Missing chat-role tokens are
     added as special tokens at the end of the vocabulary; existing ids never change.
+
+    With ``keep_template`` (a model's tokenizer: a stage output's, or a brought checkpoint's) a ``chat_template``
+    in ``tokenizer_config.json`` other than llmstages' own is kept (:class:`ChatTokenizer` ``template``) and no
+    role tokens are added; without it (a tokenizer for a model trained from scratch) it is replaced, with a
+    warning.
 
     Raises:
         FileNotFoundError: no tokenizer at ``path`` (message names the path).
@@ -212,13 +287,17 @@ def load_tokenizer(path: str | Path, *, bos_token: str | None = None, eos_token:
     for name, t in (("eos_token", eos), ("pad_token", pad)):
         if t not in vocab:
             raise ValueError(f"{file}: {name} {t!r} is not in the vocabulary")
-    new = [t for t in (bos, *ROLE_TOKENS.values()) if t not in vocab]
+    template = config.get("chat_template")
+    if not template and (file.parent / TEMPLATE_FILE).is_file():  # where transformers >= 4.43 saves it
+        template = (file.parent / TEMPLATE_FILE).read_text(encoding="utf-8")
+    if isinstance(template, list):  # named templates [{"name", "template"}]: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    own = template if template and template != chat_template(bos, eos) else None
+    new = [t for t in (bos, *(() if own and keep_template else ROLE_TOKENS.values())) if t not in vocab]
     if new:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
         log.info("%s: added special tokens %s", file, new)
-    template = config.get("chat_template")
-    chat = ChatTokenizer(tok, bos=bos, eos=eos, pad=pad)
-    if template and template != chat.chat_template:
+    if own and not keep_template:
         log.warning("%s: its chat_template is replaced by llmstages' role-token template (the model is trained "
                     "from scratch with it)", config_file)
-    return chat
+    return ChatTokenizer(tok, bos=bos, eos=eos, pad=pad, template=own if keep_template else None)

@@ -249,7 +249,7 @@ class PreferenceDataset(Dataset):
         self.stats, self.items, self.tasks = EncodeStats(read=len(rows)), [], []
         for r in rows:
             prompt = tok.encode_prompt(r["prompt"])
-            resps = [tok.encode(r[k]) + [tok.eos_id] for k in ("chosen", "rejected")]
+            resps = [tok.encode_response(r["prompt"], r[k]) for k in ("chosen", "rejected")]
             fit = fit_length(prompt, [0] * len(prompt), resps, max_len, long_prompt)
             if fit is None:
                 self.stats.dropped["too_long"] += 1
