@@ -251,7 +251,7 @@ def test_kill_and_resume(tiny_run, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'pretrain'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/lm_loss")]
     assert min(steps) < metrics["resumed_from_step"] < max(steps)  # one curve across the kill
     assert runs[0].data.metrics["final/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
     # The resumed run trained on the same batches as an uninterrupted one: same final loss.

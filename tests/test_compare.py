@@ -32,7 +32,7 @@ def store(tmp_path_factory):
         run = client.create_run(exps[exp], start_time=T0 + i * 60_000, run_name=name, tags=tags)
         rid = run.info.run_id
         metrics = [Metric(f"final/{k}", v, T0, 0) for k, v in final.items()]
-        metrics += [Metric("train/loss", v, T0 + s, s * 10) for s, v in enumerate(curve or [])]
+        metrics += [Metric("train/lm_loss", v, T0 + s, s * 10) for s, v in enumerate(curve or [])]
         client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                          tags=[RunTag("mlflow.source.type", "LOCAL")])
         client.set_terminated(rid, RunStatus.to_string(getattr(RunStatus, status)), end_time=T0 + i * 60_000 + 1)
@@ -69,9 +69,9 @@ def test_csv_shows_only_differing_params_and_exact_metrics(store, capsys):
         assert float(r["val_loss"]) == final["val_loss"]  # bit-exact round trip
     assert {r["optim.lr"] for r in rows} == {"0.001", "0.003", "0.01"}
     rows, _ = run_csv(capsys, uri, "--stage", "pretrain", "--experiment", "llmstages", "--metric", "train_tokens",
-                      "--metric", "train/loss")
+                      "--metric", "train/lm_loss")
     assert [r["train_tokens"] for r in rows] == ["123456789.0"] * 3
-    assert [float(r["train/loss"]) for r in rows] == [3.3, 1.9, 2.75]  # latest point of the curve
+    assert [float(r["train/lm_loss"]) for r in rows] == [3.3, 1.9, 2.75]  # latest point of the curve
 
 
 def test_filters(store, capsys):
@@ -129,7 +129,7 @@ def test_plot(store, capsys, tmp_path):
     uri, _ = store
     png = tmp_path / "curves.png"
     assert main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--experiment", "llmstages",
-                 "--plot", "train/loss", "--plot", "final/val_loss", "--plot-file", str(png)]) == 0
+                 "--plot", "train/lm_loss", "--plot", "final/val_loss", "--plot-file", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 0 and im.height > 0
@@ -137,17 +137,18 @@ def test_plot(store, capsys, tmp_path):
     client = open_store(uri)
     runs = find_runs(client, stage="pretrain", experiments=["llmstages"])
     params, _ = differing_params(runs)
-    fig = plot_metrics(client, runs, ["train/loss"], [f"{r.info.run_name}, optim.lr={r.data.params['optim.lr']}"
+    fig = plot_metrics(client, runs, ["train/lm_loss"], [f"{r.info.run_name}, optim.lr={r.data.params['optim.lr']}"
                                                         for r in runs])
     (ax,) = fig.axes[:1]
     assert params == ["optim.lr"]
-    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("step", "train/loss", "train/loss")
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("optimizer step", "train/lm_loss (nats/token)",
+                                                                  "train/lm_loss")
     assert len(ax.lines) == 3 and fig.get_suptitle()
     assert list(ax.lines[2].get_xdata()) == [0, 10, 20, 30, 40]
     assert list(ax.lines[2].get_ydata()) == [4.0, 3.1, 2.9, 2.8, 2.75]
     assert "pretrain-a, optim.lr=0.001" in [t.get_text() for t in ax.get_legend().get_texts()]
 
-    fig = plot_metrics(client, runs, ["train/loss", "final/val_loss"], [r.info.run_name for r in runs])
+    fig = plot_metrics(client, runs, ["train/lm_loss", "final/val_loss"], [r.info.run_name for r in runs])
     colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes[:2]]
     assert colours[0] == {k: v for k, v in colours[1].items() if k in colours[0]}  # a run's colour in every panel
 
@@ -155,7 +156,7 @@ def test_plot(store, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:  # a misspelt metric: an error naming what there is, and no PNG
         main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--plot", "nope", "--plot-file", str(png)])
     assert str(exc.value.code).startswith("llmstages compare: --plot nope: no run here logged it; these runs have: ")
-    assert "train/loss" in str(exc.value.code) and not png.exists()
+    assert "train/lm_loss" in str(exc.value.code) and not png.exists()
 
 
 def test_errors(store, capsys, tmp_path):
@@ -192,7 +193,7 @@ def test_bad_paths_and_foreign_databases_are_one_line_errors(store, capsys, tmp_
     for args, message in [(["--tracking-uri", f"sqlite:///{other}"], "is not an MLflow store"),
                           (["--tracking-uri", uri, "-o", str(tmp_path / "nodir" / "x.csv")], "--output"),
                           (["--tracking-uri", uri, "-o", str(tmp_path)], "--output"),
-                          (["--tracking-uri", uri, "--plot", "train/loss", "--plot-file",
+                          (["--tracking-uri", uri, "--plot", "train/lm_loss", "--plot-file",
                             str(tmp_path / "nodir" / "x.png")], "--plot-file")]:
         with pytest.raises(SystemExit) as exc:
             main(["compare", *args])

@@ -39,20 +39,21 @@ def chat(prompt: str, answer: str) -> dict:
 
 class StepGrads(L.Callback):
     """The parameters' gradients of the (single) optimizer step, read after it (they are zeroed only when the
-    next step's first micro-batch starts), and the step's logged ``train/loss``."""
+    next step's first micro-batch starts), and the step's logged training loss (``train/<kind>_loss``)."""
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.grads = torch.cat([p.grad.flatten().clone() for p in module.parameters() if p.grad is not None])
 
 
 def fit_one_step(module: L.LightningModule, loader, accumulate: int) -> tuple[float, torch.Tensor]:
-    """One optimizer step over ``loader``'s first ``accumulate`` batches; returns (logged train/loss, gradients)."""
+    """One optimizer step over ``loader``'s first ``accumulate`` batches; returns (logged training loss, gradients)."""
     grads = StepGrads()
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1,
                         precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, log_every_n_steps=1, callbacks=[grads])
     trainer.fit(module, loader)
-    return float(trainer.callback_metrics["train/loss"]), grads.grads
+    [key] = [k for k in trainer.callback_metrics if k.startswith("train/") and k.endswith("loss")]
+    return float(trainer.callback_metrics[key]), grads.grads
 
 
 class Toy(L.LightningModule):
@@ -154,7 +155,7 @@ rank = trainer.global_rank
 loader = DataLoader([ds.items[rank]], batch_size=1, collate_fn=partial(collate_padding_free, pad_id=PAD, max_len=64))
 trainer.fit(SFTModule(tiny_model(), OPTIM), loader)
 if rank == 0:
-    json.dump({{"loss": float(trainer.callback_metrics["train/loss"]), "grads": grads.grads.tolist()}},
+    json.dump({{"loss": float(trainer.callback_metrics["train/lm_loss"]), "grads": grads.grads.tolist()}},
               open(sys.argv[1], "w"))
 """
 

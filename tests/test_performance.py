@@ -181,5 +181,5 @@ def test_training_metrics_logged_only_at_the_log_interval_and_the_last_step(tmp_
                         callbacks=[last])
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
-    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [2, 5]  # steps 3 and 6, counted from 0
-    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(last.loss, abs=1e-6)  # the 7th step
+    assert [int(r["step"]) for r in rows if r.get("train/lm_loss")] == [2, 5]  # steps 3 and 6, counted from 0
+    assert float(trainer.callback_metrics["train/lm_loss"]) == pytest.approx(last.loss, abs=1e-6)  # the 7th step

@@ -80,17 +80,18 @@ def test_repro_runs_all_stages_then_nothing(repo):
 def test_training_curves_are_dvc_plots(repo):
     """Each training stage writes what it logged as curves in its output; `dvc plots show` charts them by step."""
     metrics = {s: json.loads((repo / f"outputs/{s}/metrics.json").read_text()) for s in ("pretrain", "sft", "reward")}
-    train_loss = curve(repo, "pretrain", "train/loss")
+    train_loss = curve(repo, "pretrain", "train/lm_loss")
     steps = [s for s, _ in train_loss]
     assert len(steps) >= 2 and steps == sorted(set(steps))  # one point per logged step
     assert train_loss[-1][1] == pytest.approx(metrics["pretrain"]["train_loss"], abs=1e-6)
     # metrics.json re-evaluates in float32; the Trainer's validation may run under bf16 autocast
-    assert curve(repo, "pretrain", "val/loss")[-1][1] == pytest.approx(metrics["pretrain"]["val_loss"], rel=1e-2)
+    assert curve(repo, "pretrain", "val/lm_loss")[-1][1] == pytest.approx(metrics["pretrain"]["val_loss"], rel=1e-2)
     lr = yaml.safe_load((repo / "outputs/pretrain/config.yaml").read_text())["optim"]["lr"]
     assert all(0 < v <= lr * (1 + 1e-6) for _, v in curve(repo, "pretrain", "train/lr"))
-    assert curve(repo, "sft", "val/loss")[-1][1] == pytest.approx(metrics["sft"]["val_loss"], abs=1e-6)
-    for name in ("loss", "accuracy", "margin"):  # the final full validation is the last point
-        assert curve(repo, "reward", f"val/{name}")[-1][1] == pytest.approx(metrics["reward"][f"val_{name}"], abs=1e-6)
+    assert curve(repo, "sft", "val/lm_loss")[-1][1] == pytest.approx(metrics["sft"]["val_loss"], abs=1e-6)
+    for name in ("bt_loss", "accuracy", "margin"):  # the final full validation is the last point
+        want = metrics["reward"][f"val_{name.removeprefix('bt_')}"]
+        assert curve(repo, "reward", f"val/{name}")[-1][1] == pytest.approx(want, abs=1e-6)
     assert len(curve(repo, "rlhf", "train/reward")) >= 1  # manual optimization (PPO)
 
     shown = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=repo, capture_output=True,
@@ -99,12 +100,12 @@ def test_training_curves_are_dvc_plots(repo):
         files = sorted(str(f.relative_to(repo)) for f in (repo / f"outputs/{stage}/curves").rglob("*.tsv"))
         assert files and set(files) <= set(shown), stage
     both = shown["pretrain: causal LM loss, train and validation"][0]["content"]  # train and val on one chart
-    assert {p["filename"] for p in both["data"]["values"]} == {"train/loss.tsv", "val/loss.tsv"}
+    assert {p["filename"] for p in both["data"]["values"]} == {"train/lm_loss.tsv", "val/lm_loss.tsv"}
     assert both["encoding"]["x"]["title"] == "optimizer step"
     assert both["layer"][0]["encoding"]["y"]["title"] == "cross-entropy (nats/token)"
-    plot = shown["outputs/pretrain/curves/val/loss.tsv"][0]["content"]
+    plot = shown["outputs/pretrain/curves/val/lm_loss.tsv"][0]["content"]
     assert plot["encoding"]["x"]["field"] == "step"
-    assert [float(p["loss"]) for p in plot["data"]["values"]] == [v for _, v in curve(repo, "pretrain", "val/loss")]
+    assert [float(p["lm_loss"]) for p in plot["data"]["values"]] == [v for _, v in curve(repo, "pretrain", "val/lm_loss")]
     # DVCLive wrote only the stage outputs: no dvclive/ folder, no dvc.yaml edit, nothing new for git
     assert not (repo / "dvclive").exists() and sh(repo, "git", "status", "--porcelain") == ""
 
@@ -171,7 +172,7 @@ def test_queued_lr_grid_runs_with_dvc_queue_start(repo):
 
     diff = json.loads(subprocess.run([str(BIN / "dvc"), "plots", "diff", "--json", *names], cwd=repo,
                                      capture_output=True, text=True, check=True).stdout)["data"]
-    values = diff["outputs/pretrain/curves/val/loss.tsv"][0]["content"]["data"]["values"]
+    values = diff["outputs/pretrain/curves/val/lm_loss.tsv"][0]["content"]["data"]["values"]
     assert {p["rev"] for p in values} == set(names)
 
 

@@ -22,15 +22,15 @@ from conftest import ROOT, TINY, compose, wandb_records
 LLMSTAGES = str(Path(sys.executable).parent / "llmstages")
 
 
-def losses(out: Path, key: str = "train/loss") -> dict[int, float]:
+def losses(out: Path, key: str) -> dict[int, float]:
     """``{step: value}`` of a stage output's DVC curve (full float precision)."""
     with open(out / "curves" / f"{key}.tsv", newline="") as fh:
         return {int(r["step"]): float(r[key.rsplit("/", 1)[1]]) for r in csv.DictReader(fh, delimiter="\t")}
 
 
 def logged_past(ckpts: Path, step: int) -> bool:
-    """Whether the running stage has logged ``train/loss`` beyond ``step`` (its curve beside the checkpoint)."""
-    for f in ckpts.glob("*/curves/plots/metrics/train/loss.tsv"):
+    """Whether the running stage has logged its training loss beyond ``step`` (its curve beside the checkpoint)."""
+    for f in ckpts.glob("*/curves/plots/metrics/train/*_loss.tsv"):
         with open(f, newline="") as fh:
             if any(int(r["step"]) > step for r in csv.DictReader(fh, delimiter="\t")):
                 return True
@@ -121,6 +121,7 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
               "reward": [f"init_from={work}/outputs/sft"]}[stage]
     n_train = {"pretrain": 0, "sft": rows(work / "outputs/data/sft_train.jsonl"),
                "reward": rows(work / "outputs/data/pref_train.jsonl")}[stage]
+    key = "train/bt_loss" if stage == "reward" else "train/lm_loss"
     batch = 64
     per_epoch = n_train // batch  # whole batches in the first pass over the data
     every = per_epoch if boundary else 7
@@ -141,23 +142,23 @@ def test_killed_stage_resumes_exactly(tiny_run, tmp_path, stage, boundary):
     assert not (tmp_path / "outputs/resumed/metrics.json").exists(), "the run ended before the kill"
     resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
     assert resumed["resumed_from_step"] == every and straight["resumed_from_step"] == 0
-    assert losses(tmp_path / "outputs/resumed") == losses(tmp_path / "outputs/straight")  # every step, bit for bit
-    assert len(losses(tmp_path / "outputs/straight")) == steps
+    assert losses(tmp_path / "outputs/resumed", key) == losses(tmp_path / "outputs/straight", key)  # bit for bit
+    assert len(losses(tmp_path / "outputs/straight", key)) == steps
     skip = {"wall_seconds", "resumed_from_step"}
     assert {k: v for k, v in resumed.items() if k not in skip} == {k: v for k, v in straight.items() if k not in skip}
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.stage = '{stage}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
     assert sorted(logged) == list(range(steps))  # one point per step across the kill
     (table,) = (tmp_path / "outputs/csv" / stage).glob("*/metrics.csv")  # the resumed run appended to it
     with open(table, newline="") as fh:
-        logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+        logged = [int(r["step"]) for r in csv.DictReader(fh) if r.get(key)]
     assert logged == list(range(steps))
     if stage == "pretrain":  # W&B: the killed run's offline records and the resumed run's, each step once
         logged = [int(float(row["trainer/global_step"])) for row in wandb_history(tmp_path / "outputs/wandb")
-                  if "train/loss" in row]
+                  if key in row]
         assert sorted(logged) == list(range(steps))
 
 
@@ -204,7 +205,7 @@ def test_killed_rlhf_resumes_exactly(tiny_run, tmp_path, algorithm):
     resumed, straight = resume_and_run_straight(args, resumed_args, tmp_path, env)
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == straight["steps"] == 12
     got, want = curves(tmp_path / "outputs/resumed"), curves(tmp_path / "outputs/straight")
-    assert "train/reward" in want or "train/loss" in want
+    assert "train/reward" in want or "train/dpo_loss" in want
     assert got == want  # every logged quantity at every step, bit for bit
     if algo == "ppo":
         assert len(set(want["train/kl_coef"].values())) > 1
@@ -215,7 +216,7 @@ def test_killed_rlhf_resumes_exactly(tiny_run, tmp_path, algorithm):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'rlhf'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    key = "train/reward" if "train/reward" in want else "train/loss"
+    key = "train/reward" if "train/reward" in want else "train/dpo_loss"
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, key)]
     assert sorted(logged) == sorted(want[key])  # one point per step across the kill
 

@@ -95,7 +95,7 @@ def test_rlhf_algorithms_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkey
                 "rlhf_mean_response_tokens", "rlhf_eos_fraction", "time_scoring_s", "time_optimisation_s"):
         assert np.isfinite(m[key]), key
     axis = curve_steps(work / out)  # one step axis: optimizer steps, as every other stage logs them
-    key = "train/reward" if "train/reward" in axis else "train/loss"  # offline DPO samples nothing
+    key = "train/reward" if "train/reward" in axis else "train/dpo_loss"  # offline DPO samples nothing
     assert max(axis[key]) == m["steps"] - 1 and max(max(s) for s in axis.values()) <= m["steps"]  # val: after
     assert axis["train/lr"] == axis[key]
     if algorithm == "dpo":
@@ -136,7 +136,7 @@ def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
     assert pre.data.params["trainer.max_steps"] == "40"
     assert pre.data.params["trainer.precision_used"] == "32-true"
     assert pre.data.metrics["final/val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
-    assert "train/loss" in pre.data.metrics and pre.info.status == "FINISHED"
+    assert "train/lm_loss" in pre.data.metrics and pre.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(by_stage["rlhf"].info.run_id)}
     assert {"metrics.json", "config.yaml", "samples.md"} <= arts
 
@@ -219,18 +219,18 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     parsed = [dict(kv.split("=") for kv in line.split(" · ")[1:]) for line in val_lines]
     assert [line.split(" · ")[0] for line in val_lines] == ["pretrain: validation at step 10",
                                                              "pretrain: validation at step 20"]
-    assert [sorted(m) for m in parsed] == [["val/bits_per_byte", "val/loss", "val/perplexity"]] * 2
-    assert parsed[-1]["val/loss"] == f"{float(trainer.callback_metrics['val/loss']):.4g}"
-    assert all(abs(math.log(float(m["val/perplexity"])) - float(m["val/loss"])) < 2e-3 for m in parsed)
+    assert [sorted(m) for m in parsed] == [["val/bits_per_byte", "val/lm_loss", "val/perplexity"]] * 2
+    assert parsed[-1]["val/lm_loss"] == f"{float(trainer.callback_metrics['val/lm_loss']):.4g}"
+    assert all(abs(math.log(float(m["val/perplexity"])) - float(m["val/lm_loss"])) < 2e-3 for m in parsed)
     lines = [line for line in lines if line not in val_lines]
     assert (task.description, task.completed, task.total) == ("pretrain", 20, 20)  # not "Epoch 6 2/3"
     [speed] = [c for c in trainer.progress_bar_callback.progress.columns if type(c).__name__ == "SpeedColumn"]
     assert re.fullmatch(r"[\d.]+ steps/s", speed.render(task).plain)  # Lightning's says it/s
     steps = [int(re.match(r"pretrain: step (\d+)/20 \(\d+%\)", line).group(1)) for line in lines]
     assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
-    assert "left" in lines[0] and "train/loss=" not in lines[0]  # nothing logged before step 5
-    assert "train/loss=" in lines[-1] and "left" not in lines[-1] and "val/" not in lines[-1]
-    assert re.search(r"train/loss=[\d.]+", lines[-1]).group(0) == f"train/loss={trainer.callback_metrics['train/loss']:.4g}"
+    assert "left" in lines[0] and "train/lm_loss=" not in lines[0]  # nothing logged before step 5
+    assert "train/lm_loss=" in lines[-1] and "left" not in lines[-1] and "val/" not in lines[-1]
+    assert re.search(r"train/lm_loss=[\d.]+", lines[-1]).group(0) == f"train/lm_loss={trainer.callback_metrics['train/lm_loss']:.4g}"
 
     # Resumed from the checkpoint written at step 10, in the middle of an epoch: the bar starts at step 10.
     task, lines, _ = fit(30, ckpt_path=tmp_path / "ck/step=10.ckpt")

@@ -35,7 +35,7 @@ other commands:
   params      compose conf/config.yaml (+ overrides) into params.yaml, as DVC does
   generate    answer a prompt with one or more stage outputs      e.g. llmstages generate "What's 2 + 2?"
   chat        talk with a model in the terminal (multi-turn)      e.g. llmstages chat outputs/rlhf
-  compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/loss
+  compare     tracked runs side by side: differing params, metrics e.g. llmstages compare --stage sft --plot val/lm_loss
   export      a stage output as a Hugging Face checkpoint           e.g. llmstages export outputs/rlhf exported/rlhf
 
 Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show,

@@ -150,7 +150,7 @@ def compare_cmd(argv: list[str]) -> int:
     parser.add_argument("--format", choices=("rich", "markdown", "csv"), default="rich")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--plot", action="append", metavar="METRIC", help="plot this metric's history per run "
-                        "(repeatable, e.g. train/loss)")
+                        "(repeatable, e.g. train/lm_loss)")
     parser.add_argument("--plot-file", default="compare.png", help="PNG for --plot (default: %(default)s)")
     args = parser.parse_args(argv)
     for flag, path in (("--output", args.output), ("--plot-file", args.plot and args.plot_file)):

@@ -14,6 +14,11 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
+#: y-axis units of the metrics the stages log that have one (the rest are ratios, counts or scores)
+UNITS = {"train/lm_loss": "nats/token", "val/lm_loss": "nats/token", "train/bt_loss": "nats/pair",
+         "val/bt_loss": "nats/pair", "train/dpo_loss": "nats/pair", "val/dpo_loss": "nats/pair",
+         "val/bits_per_byte": "bits/byte", "train/tokens_per_sec": "tokens/s", "train/kl": "nats/response",
+         "train/kl_per_token": "nats/token", "train/approx_kl_old_new": "nats/token"}
 FINAL = "final/"  # prefix of the summary metrics a stage logs when it ends (tracking.log_summary)
 DEFAULT_METRICS = {"data": ["train_tokens"], "pretrain": ["val_loss"], "sft": ["exact_match_arithmetic"],
                    "reward": ["val_accuracy"], "rlhf": ["rlhf_reward", "rlhf_exact_match_arithmetic"]}
@@ -226,7 +231,7 @@ def plot_metrics(client, runs, metrics: list[str], labels: list[str]):
             if hist:
                 ax.plot([m.step for m in hist], [m.value for m in hist], label=label, color=f"C{i % 10}",
                         marker="o" if len(hist) <= 20 else None, markersize=4)
-        ax.set(xlabel="step", ylabel=name, title=name)
+        ax.set(xlabel="optimizer step", ylabel=f"{name} ({UNITS[name]})" if name in UNITS else name, title=name)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")

@@ -501,7 +501,7 @@ def skip_logged_steps(loggers: list, curves_dir: str | Path) -> None:
 
 def curve_logger(work_dir: str | Path, out_dir: str | Path, resume: bool):
     """A Lightning logger that writes each metric the stage logs as a DVC plot: ``<out_dir>/curves/<name>.tsv``
-    (columns ``step`` and the metric; ``val/loss`` -> ``curves/val/loss.tsv``), through DVCLive.
+    (columns ``step`` and the metric; ``val/lm_loss`` -> ``curves/val/lm_loss.tsv``), through DVCLive.
 
     DVCLive appends the points under ``work_dir`` (beside the resume checkpoint: DVC deletes a stage's outputs
     before rerunning it, so a resumed run continues its curves from there, ``resume=True``); each time the

@@ -50,8 +50,8 @@ def rpo_dpo_loss(pi_c, pi_r, ref_c, ref_r, chosen_mask, c: DPOSchema,
     if c.sft_coef:
         loss = loss - c.sft_coef * (pi_c * w).sum() / (chosen_mask * w[:, None]).sum().clamp(min=1)
     n = w.sum().clamp(min=1)
-    stats = {"loss": loss.detach(), "reward_chosen": (rc * w).sum() / n, "reward_rejected": (rr * w).sum() / n,
-             "reward_margin": ((rc - rr) * w).sum() / n, "accuracy": ((rc > rr).float() * w).sum() / n}
+    stats = {"dpo_loss": loss.detach(), "reward_chosen": (rc * w).sum() / n, "reward_rejected": (rr * w).sum() / n,
+             "reward_margin": ((rc - rr) * w).sum() / n, "reward_accuracy": ((rc > rr).float() * w).sum() / n}
     return loss, stats
 
 
@@ -173,6 +173,6 @@ def build(s: DPOSchema, x: RLInputs) -> RLRun:
     def final_metrics(trainer) -> dict:  # over all held-out pairs, not the limit_val_batches of training
         trainer.limit_val_batches = 1.0
         m = trainer.validate(module, val, verbose=False)[0]
-        return {"dpo_val_accuracy": m["val/accuracy"], "dpo_val_reward_margin": m["val/reward_margin"]}
+        return {"dpo_val_accuracy": m["val/reward_accuracy"], "dpo_val_reward_margin": m["val/reward_margin"]}
 
     return RLRun(module, train, val, final_metrics=final_metrics)

@@ -72,7 +72,7 @@ class GRPOModule(L.LightningModule):
                     stats.append(torch.stack([loss.detach(), clipfrac, kl]))
         loss, cf, kl = torch.stack(stats).mean(0)
         solved = (ro["score"].view(-1, c.group_size).std(1) == 0).float().mean()
-        self.log_dict({"train/reward": ro["score"].mean(), "train/kl_per_token": kl, "train/loss": loss, "train/clipfrac": cf,
+        self.log_dict({"train/reward": ro["score"].mean(), "train/kl_per_token": kl, "train/grpo_loss": loss, "train/clipfrac": cf,
                        "train/entropy": ro["entropy"], "train/zero_advantage_groups": solved,
                        **rollout_stats(r, self.timer)}, batch_size=n)
         self.log("reward", ro["score"].mean(), prog_bar=True, logger=False, batch_size=n)

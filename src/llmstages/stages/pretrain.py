@@ -49,7 +49,7 @@ class PretrainModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         loss = self.step_mean.finish(self)  # the step's mean over its tokens
         if is_log_step(self):
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lm_loss", loss, prog_bar=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         every = self.trainer.log_every_n_steps
@@ -62,10 +62,10 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = next_token_loss(self.forward_fn(x), y)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)  # mean over DDP processes
+        self.log("val/lm_loss", loss, prog_bar=True, sync_dist=True)  # mean over DDP processes
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
+        loss = self.trainer.callback_metrics.get("val/lm_loss")
         if loss is not None:
             self.log("val/perplexity", torch.exp(loss), sync_dist=True)
             self.log("val/bits_per_byte", loss / math.log(2) / self.bytes_per_token, sync_dist=True)
@@ -152,7 +152,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         "val_perplexity": math.exp(val_loss),
         "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token,
         "unigram_entropy_nats": meta["unigram_entropy_nats"],
-        "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "train_loss": float(trainer.callback_metrics.get("train/lm_loss", float("nan"))),
         "tokens_seen": trainer.global_step * cfg.batch_size * cfg.seq_len * t.accumulate_grad_batches
         * trainer.world_size,
         "steps": trainer.global_step,

@@ -60,11 +60,11 @@ class RewardModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         loss = self.step_mean.finish(self)  # the step's mean Bradley-Terry loss over its pairs
         if is_log_step(self):
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/bt_loss", loss, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
         chosen, rejected = self.scores(batch).chunk(2)  # logged as the mean over batches and DDP processes
-        self.log("val/loss", bradley_terry_loss(chosen, rejected), prog_bar=True, sync_dist=True)
+        self.log("val/bt_loss", bradley_terry_loss(chosen, rejected), prog_bar=True, sync_dist=True)
         self.log("val/accuracy", (chosen > rejected).float().mean(), prog_bar=True, sync_dist=True)
         self.log("val/margin", (chosen - rejected).mean(), sync_dist=True)
 
@@ -117,7 +117,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 writes the output
     metrics = {**parameter_counts(module.model, module.head), "val_accuracy": final["val/accuracy"], **accuracy_by_task(module, val_dl, val.tasks),
-               "val_loss": final["val/loss"], "val_margin": final["val/margin"],
+               "val_loss": final["val/bt_loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
     stage.log_probes(probes, probe_texts, probe_rewards(module.model, module.head, probe_gen))

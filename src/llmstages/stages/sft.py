@@ -69,10 +69,10 @@ class SFTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         loss = self.step_mean.finish(self)  # the step's mean over its supervised tokens
         if is_log_step(self):
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lm_loss", loss, prog_bar=True)
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self.token_losses(batch).mean(), prog_bar=True, sync_dist=True)  # mean over processes
+        self.log("val/lm_loss", self.token_losses(batch).mean(), prog_bar=True, sync_dist=True)  # mean over processes
 
     def on_validation_epoch_end(self):
         """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned."""
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                                trainer.global_rank, **train_dl)
     resumed = stage.fit(trainer, module, train_dl, val_dl)
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
-    val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/loss"]
+    val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/lm_loss"]
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
     # the final validation above scored the held-out answers of the final model: only the pairs are left
@@ -132,8 +132,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
                "val_loss": val_loss,
                "train_examples": train.stats.kept, "train_sequences": len(train), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
-    for lg in stage.loggers:
-        lg.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=module.global_step)
     probes = list(cfg.probes.prompts)
     stage.log_probes(probes, probe_answers(module.model, tok, probes, cfg.probes.max_new_tokens, chat=True)[0])
     save_output(out_dir, unload(module.model, out_dir), tok, stage.meta(metrics=metrics))
