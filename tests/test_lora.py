@@ -76,3 +76,33 @@ def test_each_stage_trains_only_the_adapters(tiny_run, tmp_path, monkeypatch, st
     if stage == "reward":  # the score head trains too; the reward model scores with it
         _, head, _ = load_output(tmp_path / "out", with_head=True)
         assert head is not None and head.linear.bias is None
+
+
+def test_exported_adapter_loads_in_peft_on_the_exported_base_model(tiny_run, tmp_path, monkeypatch):
+    """sft with LoRA, exported: ``<export>/adapter`` in Llama names, applied by peft to the export of the
+    starting model (the pretrained one), computes the merged export's logits (the fused layers' adapters split
+    exactly)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from llmstages.cli import run_stage
+    from llmstages.export import export_hf
+
+    work, _ = tiny_run
+    monkeypatch.chdir(work)
+    base_dir = work / "outputs/pretrain"
+    run_stage("sft", compose("sft", [*TINY["sft"], *LORA, "logger=none", f"init_from={base_dir}"]),
+              str(tmp_path / "sft"), source="test")
+    export_hf(base_dir, tmp_path / "hf-base")
+    export_hf(tmp_path / "sft", tmp_path / "hf-sft")
+    adapter = load_file(str(tmp_path / "hf-sft/adapter/adapter_model.safetensors"))
+    assert {k.split(".")[-3] for k in adapter} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"}
+    peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base"),
+                                                str(tmp_path / "hf-sft/adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-sft").eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base").eval()
+    x = torch.randint(0, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, before = peft_model(x).logits, merged(x).logits, base(x).logits
+    assert (got - want).abs().max() < 1e-4 and (want - before).abs().max() > 1e-3  # it trained, and it matches

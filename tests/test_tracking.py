@@ -105,6 +105,7 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
             (model,) = client.search_logged_models([exp.experiment_id],
                                                    filter_string=f"source_run_id = '{run.info.run_id}'")
             assert model.name == stage and model.tags["output_md5"] == run.data.tags["output_md5"]
+            assert model.tags["local_path"] == f"outputs/{stage}"  # in the project: still right in a copy of it
             assert {a.path for a in client.list_logged_model_artifacts(model.model_id)} >= {"config.json",
                                                                                             "metrics.json"}
     versions = client.search_model_versions("name = 'llmstages-policy'")  # other tests' rlhf runs add theirs

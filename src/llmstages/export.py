@@ -20,6 +20,11 @@ A reward model exports as ``LlamaForSequenceClassification``, which reads the sc
 token, as :func:`~llmstages.evaluation.reward_scores` does; neither score head has a bias (see
 :class:`~llmstages.model.ScalarHead`).
 
+A causal LM trained with LoRA (``<output>/adapter``, in our layer names) also gets ``<folder>/adapter``: the same
+adapter in the Llama names, for ``peft.PeftModel.from_pretrained(<the export of the stage's starting model>,
+"<folder>/adapter")``. A fused layer's adapter splits exactly: its ``A`` is shared and its ``B`` rows split as the
+weight's, so ``q_proj`` gets ``A`` and the first third of ``B`` (scale ``alpha / r`` unchanged).
+
 The tokenizer is written as llmstages keeps it (``tokenizer.json`` + ``tokenizer_config.json`` with the chat
 template in Jinja), so ``AutoTokenizer.from_pretrained(folder).apply_chat_template(messages,
 add_generation_prompt=True)`` gives the ids :meth:`~llmstages.tokenizer.ChatTokenizer.encode_prompt` gives.
@@ -166,7 +171,45 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
     finally:
         hf_logging.enable_progress_bar()
     tok.save(folder)
+    if (output / "adapter").is_dir() and not reward:
+        export_adapter(output / "adapter", folder / "adapter")
     write_json(folder / "llmstages.json", {**meta, "exported_from": str(output)})
+    return folder
+
+
+#: our LoRA-adapted layers -> (their Llama module, the Llama projections their rows split into)
+ADAPTER_NAMES = {"attn.qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "attn.proj": ("self_attn", ("o_proj",)),
+                 "mlp.gate_up": ("mlp", ("gate_proj", "up_proj")), "mlp.down": ("mlp", ("down_proj",))}
+
+
+def export_adapter(adapter: Path, folder: Path) -> Path:
+    """Write the LoRA adapter ``adapter`` (``adapter_model.safetensors`` + ``adapter_config.json`` in our layer
+    names, :func:`~llmstages.lora.save_adapter`) to ``folder`` as a peft adapter of ``LlamaForCausalLM``
+    (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``, ...; module docstring).
+
+    Raises:
+        ValueError: a tensor of the adapter that is not a LoRA ``A``/``B`` of a known layer.
+    """
+    from safetensors.torch import load_file, save_file
+
+    out: dict[str, torch.Tensor] = {}
+    for key, w in load_file(str(adapter / "adapter_model.safetensors")).items():
+        block, _, rest = key.partition(".")  # "blocks", "{i}.attn.qkv.lora_A.weight"
+        i, _, rest = rest.partition(".")
+        layer, _, ab = rest.rpartition(".lora_")
+        if block != "blocks" or layer not in ADAPTER_NAMES or ab not in ("A.weight", "B.weight"):
+            raise ValueError(f"{adapter / 'adapter_model.safetensors'}: unexpected tensor {key!r}")
+        module, names = ADAPTER_NAMES[layer]
+        parts = [w] * len(names) if ab == "A.weight" else w.chunk(len(names))
+        for name, part in zip(names, parts):
+            out[f"base_model.model.model.layers.{i}.{module}.{name}.lora_{ab}"] = part.contiguous().clone()
+    config = read_json(adapter / "adapter_config.json")
+    config.update(target_modules=sorted({n for _, names in ADAPTER_NAMES.values() for n in names
+                                         if any(f".{n}.lora_" in k for k in out)}),
+                  task_type="CAUSAL_LM", base_model_name_or_path=None, inference_mode=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_json(folder / "adapter_config.json", config)
     return folder
 
 

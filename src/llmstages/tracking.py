@@ -355,8 +355,10 @@ def log_datasets(loggers: list, files: dict[str, str]) -> None:
 def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, register_as: str | None = None) -> None:
     """Record the stage output as an MLflow logged model of the run (model type = the stage's kind of model),
     with its small files (``config.json``, ``meta.json``, ``metrics.json``) as artifacts; the weights stay in
-    ``out_dir``, versioned by DVC (tags ``local_path`` and ``output_md5`` say where and which). With
-    ``register_as``, also a new version of that registered model (the final policy)."""
+    ``out_dir``, versioned by DVC (tags ``local_path`` and ``output_md5`` say where and which; ``local_path`` is
+    relative to the project, the working directory, when ``out_dir`` lies in it, so a copied or moved project's
+    models name its own folders). With ``register_as``, also a new version of that registered model (the final
+    policy)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     kind = {"reward": "reward-model"}.get(stage, "causal-lm")
@@ -364,8 +366,11 @@ def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, registe
         if type(lg).__name__ != "MLFlowLogger":
             continue
         client, run = lg.experiment, lg.experiment.get_run(lg.run_id)
+        where = Path(out_dir).resolve()
+        if where.is_relative_to(Path.cwd().resolve()):
+            where = where.relative_to(Path.cwd().resolve())
         model = client.create_logged_model(run.info.experiment_id, name=stage, source_run_id=lg.run_id,
-                                           model_type=kind, tags={"local_path": str(Path(out_dir).resolve()),
+                                           model_type=kind, tags={"local_path": where.as_posix(),
                                                                   "output_md5": output_md5})
         for name in ("config.json", "meta.json", "metrics.json"):
             if (Path(out_dir) / name).is_file():
