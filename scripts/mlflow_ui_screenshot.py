@@ -1,12 +1,15 @@
-"""Screenshot the MLflow UI's runs table with each pipeline execution's parent run expanded (a manual check).
+"""Screenshot the MLflow UI's runs table with each pipeline execution's parent run expanded, and a stage run's
+page (overview and metrics tabs) (a manual check).
 
 Needs what the project does not install: playwright (``pip install playwright``) and a Chromium binary (e.g.
 Debian's ``apt-get install chromium``). Start the UI first, then:
 
     mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --port 5000 &
-    python scripts/mlflow_ui_screenshot.py --url http://127.0.0.1:5000 --out mlflow_ui.png
+    python scripts/mlflow_ui_screenshot.py --url http://127.0.0.1:5000 --out mlflow_ui.png --run rlhf
 
-Prints the run names the page shows (parent runs first, their stage runs under them once expanded).
+Prints the run names the page shows (parent runs first, their stage runs under them once expanded). With
+``--run PREFIX`` also ``<out>-run.png`` (the newest run whose name starts with PREFIX: its overview) and
+``<out>-metrics.png`` (its metrics tab), and prints what the overview says.
 
 Raises:
     SystemExit: when the experiment is not in the store or the page shows no runs.
@@ -30,12 +33,24 @@ def experiment_id(url: str, name: str) -> str:
     sys.exit(f"mlflow_ui_screenshot: no experiment {name!r} at {url} (have: {', '.join(e['name'] for e in exps)})")
 
 
+def newest_run(url: str, exp: str, prefix: str) -> str:
+    body = {"experiment_ids": [exp], "filter": f"attributes.run_name LIKE '{prefix}%'", "max_results": 1,
+            "order_by": ["attributes.start_time DESC"]}
+    req = urllib.request.Request(f"{url}/ajax-api/2.0/mlflow/runs/search", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    runs = json.loads(urllib.request.urlopen(req, timeout=30).read()).get("runs", [])
+    if not runs:
+        sys.exit(f"mlflow_ui_screenshot: no run named {prefix}... in experiment {exp}")
+    return runs[0]["info"]["run_id"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:5000")
     parser.add_argument("--experiment", default="llmstages")
     parser.add_argument("--out", default="mlflow_ui.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="browser binary (default: %(default)s)")
+    parser.add_argument("--run", help="also the page of the newest run whose name starts with this (e.g. rlhf)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -57,6 +72,15 @@ def main() -> int:
         page.screenshot(path=args.out)
         body = page.inner_text("body")
         print(body[body.find("Run Name"):][:1500])
+        if args.run:
+            run = newest_run(args.url, exp, args.run)
+            stem = args.out.removesuffix(".png")
+            for tab, suffix in (("", "run"), ("/model-metrics", "metrics")):
+                page.set_viewport_size({"width": 1500, "height": 1400})
+                page.goto(f"{args.url}/#/experiments/{exp}/runs/{run}{tab}", wait_until="load", timeout=120_000)
+                page.wait_for_timeout(6000)
+                page.screenshot(path=f"{stem}-{suffix}.png")
+                print(f"--- {suffix} page ---\n" + page.inner_text("body")[:2500])
         browser.close()
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -253,7 +253,7 @@ def test_kill_and_resume(tiny_run, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/lm_loss")]
     assert min(steps) < metrics["resumed_from_step"] < max(steps)  # one curve across the kill
-    assert runs[0].data.metrics["final/val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert runs[0].data.metrics["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-5)
     # The resumed run trained on the same batches as an uninterrupted one: same final loss.
     straight = [a.replace("out_dir=outputs/pt", "out_dir=outputs/pt_straight").replace("logger=many", "logger=none")
                 for a in args]
@@ -285,5 +285,5 @@ def test_wandb_offline_run(tiny_run, tmp_path):
     assert len(runs) == 1
     # The offline run file (protobuf records) holds the run's group, job type and config.
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for needle in (b"wb-group", b"reward", b"trainer.max_steps", b"final/val_accuracy"):
+    for needle in (b"wb-group", b"reward", b"trainer.max_steps", b"val_accuracy"):
         assert needle in record

@@ -31,7 +31,7 @@ def store(tmp_path_factory):
         tags = {"stage": stage, "pipeline_run": pipeline, "git_commit": "abc", "git_dirty": "False"}
         run = client.create_run(exps[exp], start_time=T0 + i * 60_000, run_name=name, tags=tags)
         rid = run.info.run_id
-        metrics = [Metric(f"final/{k}", v, T0, 0) for k, v in final.items()]
+        metrics = [Metric(k, v, T0, 0) for k, v in final.items()]
         metrics += [Metric("train/lm_loss", v, T0 + s, s * 10) for s, v in enumerate(curve or [])]
         client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
                          tags=[RunTag("mlflow.source.type", "LOCAL")])
@@ -129,7 +129,7 @@ def test_plot(store, capsys, tmp_path):
     uri, _ = store
     png = tmp_path / "curves.png"
     assert main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--experiment", "llmstages",
-                 "--plot", "train/lm_loss", "--plot", "final/val_loss", "--plot-file", str(png)]) == 0
+                 "--plot", "train/lm_loss", "--plot", "val_loss", "--plot-file", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 0 and im.height > 0
@@ -148,7 +148,7 @@ def test_plot(store, capsys, tmp_path):
     assert list(ax.lines[2].get_ydata()) == [4.0, 3.1, 2.9, 2.8, 2.75]
     assert "pretrain-a, optim.lr=0.001" in [t.get_text() for t in ax.get_legend().get_texts()]
 
-    fig = plot_metrics(client, runs, ["train/lm_loss", "final/val_loss"], [r.info.run_name for r in runs])
+    fig = plot_metrics(client, runs, ["train/lm_loss", "val_loss"], [r.info.run_name for r in runs])
     colours = [{line.get_label(): line.get_color() for line in ax.lines} for ax in fig.axes[:2]]
     assert colours[0] == {k: v for k, v in colours[1].items() if k in colours[0]}  # a run's colour in every panel
 

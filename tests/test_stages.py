@@ -135,7 +135,7 @@ def test_mlflow_runs_are_tracked_and_grouped(tiny_run):
     pre = by_stage["pretrain"]
     assert pre.data.params["trainer.max_steps"] == "40"
     assert pre.data.params["trainer.precision_used"] == "32-true"
-    assert pre.data.metrics["final/val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
+    assert pre.data.metrics["val_loss"] == pytest.approx(m["pretrain"]["val_loss"], rel=1e-5)
     assert "train/lm_loss" in pre.data.metrics and pre.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(by_stage["rlhf"].info.run_id)}
     assert {"metrics.json", "config.yaml", "samples.md"} <= arts

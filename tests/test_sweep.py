@@ -88,7 +88,7 @@ def test_basic_multirun_summary(tiny_run, tmp_path):
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert r.info.run_name == f"pretrain-{sweep.name}-job{n}"
         assert float(r.data.params["optim.lr"]) == lrs[n]
-        assert r.data.metrics["final/val_loss"] == pytest.approx(metrics[n]["val_loss"], rel=1e-6)
+        assert r.data.metrics["val_loss"] == pytest.approx(metrics[n]["val_loss"], rel=1e-6)
     table = ok(llmstages(["compare", "--tracking-uri", f"sqlite:///{tmp_path}/outputs/mlflow.db", "--tag",
                           f"sweep={rel}", "--format", "csv"], tmp_path)).stdout
     got = list(csv.DictReader(table.splitlines()))

@@ -90,6 +90,13 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
     for stage, run in stage_runs.items():
         assert run.data.tags["mlflow.note.content"].startswith(f"{stage}: ")
         assert run.data.tags["mlflow.source.name"] == f"llmstages {stage}"
+        # final values under their metrics.json names (no final/ or eval/ copies); the resume step is a tag
+        assert not [k for k in run.data.metrics if k.startswith(("final/", "eval/"))]
+        key = {"data": "train_tokens", "pretrain": "val_loss", "sft": "exact_match_arithmetic",
+               "reward": "val_accuracy", "rlhf": "rlhf_reward"}[stage]
+        assert run.data.metrics[key] == pytest.approx(metrics[stage][key])
+        if stage != "data":
+            assert "resumed_from_step" not in run.data.metrics and run.data.tags["resumed_from_step"] == "0"
         names = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
         contexts = {d.dataset.name: {t.value for t in d.tags} for d in run.inputs.dataset_inputs}
         if stage != "data":

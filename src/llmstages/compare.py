@@ -19,7 +19,6 @@ UNITS = {"train/lm_loss": "nats/token", "val/lm_loss": "nats/token", "train/bt_l
          "val/bt_loss": "nats/pair", "train/dpo_loss": "nats/pair", "val/dpo_loss": "nats/pair",
          "val/bits_per_byte": "bits/byte", "train/tokens_per_sec": "tokens/s", "train/kl": "nats/response",
          "train/kl_per_token": "nats/token", "train/approx_kl_old_new": "nats/token"}
-FINAL = "final/"  # prefix of the summary metrics a stage logs when it ends (tracking.log_summary)
 DEFAULT_METRICS = {"data": ["train_tokens"], "pretrain": ["val_loss"], "sft": ["exact_match_arithmetic"],
                    "reward": ["val_accuracy"], "rlhf": ["rlhf_reward", "rlhf_exact_match_arithmetic"]}
 
@@ -97,8 +96,9 @@ def _quote(value: str) -> str:
 
 
 def metric_value(run, name: str) -> float | None:
-    """The run's final value of metric ``name`` (``final/<name>`` if logged, else the latest ``<name>``)."""
-    return run.data.metrics.get(FINAL + name, run.data.metrics.get(name))
+    """The run's final value of metric ``name``: a stage's final metrics have names without ``/`` (as in its
+    ``metrics.json``, tracking.log_summary); a curve (``train/lm_loss``) gives its latest point."""
+    return run.data.metrics.get(name)
 
 
 def choose_metrics(runs, requested: list[str] | None) -> list[str]:
@@ -107,11 +107,11 @@ def choose_metrics(runs, requested: list[str] | None) -> list[str]:
     Raises:
         CompareError: when no listed run logged any of ``requested`` (one of them unknown: a warning on stderr).
     """
-    every = sorted({k[len(FINAL):] for r in runs for k in r.data.metrics if k.startswith(FINAL)})
+    every = sorted({k for r in runs for k in r.data.metrics if "/" not in k})
     if requested and "all" in requested:
         return every
     if requested:
-        known = {k[len(FINAL):] if k.startswith(FINAL) else k for r in runs for k in r.data.metrics}
+        known = {k for r in runs for k in r.data.metrics}
         unknown = [m for m in requested if m not in known]
         if unknown:
             msg = f"no listed run logged {', '.join(unknown)} (known: {', '.join(sorted(known))})"
@@ -269,7 +269,8 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
             unknown = [m for m in plots if m not in logged]
             if unknown:
                 raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it; these runs have: "
-                                   f"{', '.join(m for m in logged if not m.startswith('final/'))}")
+                                   f"{', '.join(m for m in logged if '/' in m)} (curves); "
+                                   f"{', '.join(m for m in logged if '/' not in m)} (final values)")
         names = choose_metrics(runs, metrics)
         header, rows = table(runs, params, names, lineage)
         note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} run{'s' * (len(runs) != 1)} " \

@@ -399,19 +399,30 @@ def _ensure_sqlite_parent(uri: str) -> None:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
+#: numbers of a stage's metrics.json that describe the run rather than measure the model: MLflow tags, not metrics
+RUN_FACTS = ("resumed_from_step",)
+
+
 def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path], stage: str = "") -> None:
-    """Log final metrics to every logger and files as MLflow artifacts / W&B summary; the stage's key metrics
-    also on its MLflow parent run (:func:`summarize_on_parent`)."""
+    """Log a stage's final metrics (its ``metrics.json`` numbers, under the same names) and files: W&B as the
+    run summary; MLflow as metrics without a ``/`` (the UI's run page groups them last, after the ``train/``,
+    ``val/`` and ``time/`` curves; :data:`RUN_FACTS` as tags) plus the files as artifacts, and the stage's key
+    metrics on its parent run (:func:`summarize_on_parent`); CSV as one row."""
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     for lg in loggers:
-        lg.log_metrics({f"final/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         name = type(lg).__name__
+        if name == "WandbLogger":
+            lg.experiment.summary.update(numbers)  # no one-point series: W&B's own place for final values
+        else:
+            lg.log_metrics({k: v for k, v in numbers.items() if k not in RUN_FACTS})
         if name == "MLFlowLogger":
+            for key in RUN_FACTS:
+                if key in metrics:
+                    lg.experiment.set_tag(lg.run_id, key, str(metrics[key]))
             for f in artifacts:
                 if Path(f).exists():
                     lg.experiment.log_artifact(lg.run_id, str(f))
             summarize_on_parent(lg.experiment, lg.run_id, stage, metrics)
-        elif name == "WandbLogger":
-            lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         lg.finalize("success")
     end_parent_runs(loggers, "FINISHED")
 
