@@ -240,7 +240,7 @@ def test_each_algorithm_has_its_own_group_with_paper_defaults():
     cfg = validate("rlhf", compose("rlhf"))  # the pipeline's own choices for this task sit on top
     assert cfg.algorithm == "ppo" and cfg.ppo.reward == "verifiable_or_model" == cfg.grpo.reward
     assert cfg.grpo.kl_coef == 0.2 and cfg.ppo.kl_coef == 0.3
-    assert cfg.dpo.pairs == "online" and cfg.dpo.reward == "verifiable_or_model" and cfg.dpo.beta == 1.0
+    assert cfg.dpo.pairs == "online" and cfg.dpo.reward == "verifiable_or_model" and cfg.dpo.beta == 2.0
     with pytest.raises(ConfigError, match="4 per dpo iteration"):  # online DPO counts optimizer steps too
         validate("rlhf", compose("rlhf", ["algorithm=dpo", "trainer.max_steps=10"]))
     assert validate("rlhf", compose("rlhf", ["algorithm=grpo"])).algorithm == "grpo"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pytest
@@ -81,15 +83,20 @@ def curve_steps(out) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("algorithm,extra", [("dpo", ["dpo.pairs=offline"]), ("grpo", []),
                                              ("dpo", ["dpo.pairs=online"]), ("ppo", ["ppo.kl_target=1.0"])])
-def test_rlhf_algorithms_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkeypatch):
+def test_rlhf_algorithms_on_the_tiny_pipeline(tiny_run, algorithm, extra, monkeypatch, caplog):
     from conftest import TINY, compose
     from llmstages.cli import run_stage
 
     work, _ = tiny_run
     monkeypatch.chdir(work)
     out = f"outputs/rlhf-{algorithm}-{'-'.join(extra)}"
-    m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}", *extra,
-                                           "trainer.log_every_n_steps=1"]), out, source="test")
+    with caplog.at_level(logging.INFO, logger="llmstages"):
+        m = run_stage("rlhf", compose("rlhf", [*TINY["rlhf"], f"algorithm={algorithm}", *extra,
+                                               "trainer.log_every_n_steps=1"]), out, source="test")
+    # the process's time split at the end (benchmarks/overhead.py reads it): its parts add up to the whole
+    (split,) = [r.getMessage() for r in caplog.records if "since the process started" in r.getMessage()]
+    total, startup, training, after = map(float, re.findall(r"([\d.]+) s", split))
+    assert split.startswith("rlhf: ") and 0 < training < total and abs(startup + training + after - total) < 0.2
     assert m["algorithm"] == algorithm and m["steps"] == 8
     for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic",
                 "rlhf_mean_response_tokens", "rlhf_eos_fraction", "time_scoring_s", "time_optimisation_s"):
@@ -177,9 +184,7 @@ def test_progress_bar_counts_the_runs_steps_and_logs_lines_where_there_is_no_ter
     """One bar over the run (global step of max_steps, across epochs, from the resumed step on a resume), named
     after the stage; in a redirected log (no terminal) a line every tenth of the run with the training metrics,
     and one after each validation with that validation's metrics (the bar would show the previous ones)."""
-    import logging
     import math
-    import re
 
     import lightning as L
 

@@ -147,3 +147,20 @@ def _writes_step(trainer: L.Trainer, step: int) -> bool:
     """Whether the logger writes the metrics of optimizer step ``step`` (counted from 1)."""
     every = trainer.log_every_n_steps
     return (every > 0 and step % every == 0) or step == trainer.max_steps
+
+
+class StageClock(L.Callback):
+    """When this process's training started (its first training batch) and ended (``time.time()``, seconds):
+    with the process's own start they split a stage's wall time into start-up, training and what follows it
+    (:meth:`~llmstages.stages.stage.Stage.finish` logs the split; ``benchmarks/overhead.py`` reads it)."""
+
+    def __init__(self) -> None:
+        self.first_batch_at: float | None = None
+        self.train_end_at: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_end_at = time.time()

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks import LearningRate, StepProgressBar
+from ..callbacks import LearningRate, StageClock, StepProgressBar
 from ..checkpoint import write_json
 from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
@@ -162,6 +162,7 @@ class Stage:
             lg.log_hyperparams(flat)
         log_lineage(self.loggers, self.tags)
         self.started = time.time()
+        self.clock = StageClock()
         _OPEN.append(self)
 
     def description(self, inputs: list[str | Path]) -> str:
@@ -191,7 +192,7 @@ class Stage:
         t = self.cfg.trainer
         ckpt = ModelCheckpoint(dirpath=self.ckpt_dir, save_last=True, save_top_k=0,
                                every_n_train_steps=t.checkpoint_every_n_steps)
-        cbs = [ckpt, *(callbacks or []), LearningRate()]
+        cbs = [ckpt, *(callbacks or []), LearningRate(), self.clock]
         resuming = (self.ckpt_dir / "last.ckpt").is_file()
         curves = curve_logger(self.ckpt_dir / "curves", self.out_dir, resume=resuming)
         if resuming and self.rank_zero:  # the steps after the checkpoint were logged before the interruption
@@ -248,7 +249,22 @@ class Stage:
         if self in _OPEN:
             _OPEN.remove(self)
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.log_time_split()
         return metrics
+
+    def log_time_split(self) -> None:
+        """Log the process's wall time so far split into start-up (process start to the first training step:
+        imports, config, data, models, evaluation before training), training, and after it (evaluation, saving,
+        tracking)."""
+        import psutil
+
+        clock, now = self.clock, time.time()
+        if clock.first_batch_at is None or clock.train_end_at is None:
+            return  # no training in this process (the data stage, or a run that had nothing left to train)
+        start = psutil.Process().create_time()
+        log.info("%s: %.1f s since the process started: start-up %.1f s, training %.1f s, after training %.1f s",
+                 self.name, now - start, clock.first_batch_at - start, clock.train_end_at - clock.first_batch_at,
+                 now - clock.train_end_at)
 
     def log_probes(self, prompts: list[str], responses: list[str], rewards: list[float] | None = None) -> None:
         """Log the probe prompts' answers (and reward-model scores) as a table: MLflow artifact ``probes.json``
