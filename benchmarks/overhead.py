@@ -1,4 +1,5 @@
-"""Benchmark: the fixed costs around the training: ``llmstages --help``, composing the config, a no-op ``dvc repro``.
+"""Benchmark: the fixed costs around the training: ``llmstages --help``, composing the config, a no-op ``dvc repro``,
+and each training stage's start-up and shut-down.
 
 1. ``llmstages --help`` as a subprocess (the venv's console script): best and median wall time of ``--runs`` runs
    after one untimed run, and, in a separate interpreter, which heavy packages importing ``llmstages.cli`` and
@@ -15,6 +16,12 @@
    or two), then ``dvc repro`` again ``--dvc-runs`` times (3), each of which must run no stage. PASS/FAIL: median < 5 s.
    The stages run the copy's own ``src`` (``PYTHONPATH``), so edits to the checkout while it runs do not leak in.
    ``--dir DIR`` keeps the project in DIR, and a later run with the same DIR reuses it and skips the first repro.
+4. In that project, each training stage once more as ``dvc repro`` runs it (``llmstages <stage> --params
+   params.yaml``, into ``outputs/overhead-<stage>``, logger as configured): the stage's own log line splits its
+   process's time into start-up (process start to the first training step: imports, config, data, models, the
+   evaluation before training), training, and after training (evaluation, saving, tracking); the wall time of
+   the subprocess less that gives the exit (interpreter and tracker shut-down). PASS/FAIL per stage: start-up
+   at most 5 s, and after training + exit at most 5 s.
 
 Subprocesses get the venv's ``bin`` first on ``PATH`` (``llmstages``, ``dvc``), as the tests' ``sh`` helper does.
 
@@ -46,7 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HEAVY = ("torch", "lightning", "mlflow", "wandb", "hydra", "omegaconf", "dvc", "tokenizers", "numpy")
 MUST_NOT = ("torch", "lightning", "mlflow", "wandb", "hydra")  # the brief's list: what --help must not import
-HELP_LIMIT_S, NOOP_LIMIT_S = 1.0, 5.0
+HELP_LIMIT_S, NOOP_LIMIT_S, STAGE_LIMIT_S = 1.0, 5.0, 5.0
+TRAINING_STAGES = ("pretrain", "sft", "reward", "rlhf")
+SPLIT = re.compile(r"(\w+): ([\d.]+) s since the process started: start-up ([\d.]+) s, training ([\d.]+) s, "
+                   r"after training ([\d.]+) s")
 PROJECT_FILES = ("conf", "src", "dvc.yaml", ".gitignore")
 
 
@@ -210,12 +220,35 @@ def bench_dvc(n: int, folder: Path | None, keep: bool, overrides: list[str]) -> 
         ok = statistics.median(times) < NOOP_LIMIT_S and not reran
         why = f"median {statistics.median(times):.3f} s" + (f", but it ran {', '.join(reran)}" if reran else "")
         print(f"{'PASS' if ok else 'FAIL'}: no-op dvc repro < {NOOP_LIMIT_S:g} s and runs no stage ({why})")
-        return ok
+        print()
+        stages_ok = bench_stages(repo, pp)
+        return ok and stages_ok
     finally:
         if folder is None and not keep:
             shutil.rmtree(repo, ignore_errors=True)
         else:
             row("kept", f"{repo} (pass --dir {repo} to reuse it)")
+
+
+def bench_stages(repo: Path, extra_env: dict) -> bool:
+    """Section 4 of the module docstring, in the reproduced project ``repo``."""
+    print("training stages' start-up and shut-down (tiny preset, one run each)")
+    print(f"  {'stage':<9} {'wall':>7} {'start-up':>9} {'training':>9} {'after':>7} {'exit':>6}")
+    ok = True
+    for stage in TRAINING_STAGES:
+        dt, log, _ = run(["llmstages", stage, "--params", "params.yaml", "--out", f"outputs/overhead-{stage}"],
+                         repo, extra_env)
+        m = SPLIT.search(log)
+        if not m:
+            print(f"FAIL: {stage}: no start-up/training line in its log:\n{log[-2000:]}")
+            return False
+        since, startup, training, after = map(float, m.groups()[1:])
+        exit_s = max(0.0, dt - since)
+        print(f"  {stage:<9} {dt:6.1f}s {startup:8.1f}s {training:8.1f}s {after:6.1f}s {exit_s:5.1f}s")
+        ok &= startup <= STAGE_LIMIT_S and after + exit_s <= STAGE_LIMIT_S
+    print(f"{'PASS' if ok else 'FAIL'}: each stage's start-up <= {STAGE_LIMIT_S:g} s and its after-training + exit "
+          f"<= {STAGE_LIMIT_S:g} s")
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_dvc:
         print()
         folder = args.dir.resolve() if args.dir else None
-        results.append(("no-op dvc repro < 5 s", bench_dvc(args.dvc_runs, folder, args.keep, args.params_override)))
+        results.append(("no-op dvc repro < 5 s and stage start-up/shut-down <= 5 s",
+                        bench_dvc(args.dvc_runs, folder, args.keep, args.params_override)))
     print()
     print("summary: " + "; ".join(f"{name}: {'PASS' if ok else 'FAIL'}" for name, ok in results)
           + ("" if not args.skip_dvc else "; no-op dvc repro: skipped"))
