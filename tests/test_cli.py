@@ -205,6 +205,8 @@ def test_generate_shows_each_stage(tiny_run):
     for stage in ("pretrain", "sft", "rlhf"):
         assert f"outputs/{stage}" in p.stdout
     assert p.stdout.count("What's 2 + 2?") == 3
+    p = run(["generate", "hi", "--model", "outputs/reward"], work, check=False)  # it scores, it does not write
+    assert p.returncode != 0 and "outputs/reward is a reward model" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

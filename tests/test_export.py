@@ -245,6 +245,10 @@ def test_bad_exports_and_imports_fail_in_one_line_naming_the_file(tiny_run, tmp_
     shutil.copytree(sft, other)
     refused(str(sft), str(other), match=f"{other} holds a stage output")
     assert (other / "meta.json").is_file()  # nothing overwritten
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    refused(str(sft), str(tmp_path / "notes"), match=f"{tmp_path / 'notes'} is not empty and not an earlier export")
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
     export(sft, tmp_path / "hf")
     refused(str(tmp_path / "hf"), str(tmp_path / "hf2"), match="is already a Hugging Face checkpoint")
     p = run_cli("export", str(work / "outputs/reward"), str(tmp_path / "rm"))

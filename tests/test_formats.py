@@ -172,6 +172,10 @@ def test_invalid_json_line(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: invalid JSON")) as e:
         load_sft(path)
     assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    # a row cut short (its closing brace lost): the column where it ends, not "line 2 column 1" past its newline
+    path = jsonl(tmp_path, [{"prompt": "a", "completion": "b"}, '{"prompt": "broken", "completion": "x"'])
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: invalid JSON (Expecting ',' delimiter at column 39)")):
+        load_sft(path)
 
 
 def test_non_object_row(tmp_path):

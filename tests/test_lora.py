@@ -106,3 +106,5 @@ def test_exported_adapter_loads_in_peft_on_the_exported_base_model(tiny_run, tmp
     with torch.no_grad():
         got, want, before = peft_model(x).logits, merged(x).logits, base(x).logits
     assert (got - want).abs().max() < 1e-4 and (want - before).abs().max() > 1e-3  # it trained, and it matches
+    export_hf(base_dir, tmp_path / "hf-sft")  # the same folder again, from an output without LoRA
+    assert not (tmp_path / "hf-sft/adapter").exists()  # no adapter left that is not this model's

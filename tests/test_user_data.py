@@ -237,7 +237,8 @@ def test_empty_documents_are_counted_in_the_error(work, tmp_path):
     (tmp_path / "blank" / "a.txt").write_text("  \n")
     (tmp_path / "blank" / "b.txt").write_text("")
     assert_exit("data", [*DATA, f"data.corpus=[{tmp_path / 'blank'}]"], "outputs/data-bad",
-                r"need at least 2 documents .*got 0.*documents dropped: empty: 2")
+                r"the corpus has no text: every document in it is empty or whitespace only; documents dropped: "
+                r"empty: 2")
     from llmstages.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"data\.data\.corpus: is empty .*corpus_format=hf"):

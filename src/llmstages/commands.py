@@ -53,7 +53,7 @@ def generate_cmd(argv: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .export import load_model
+    from .export import is_reward_model, load_model
     from .generation import generate
 
     table = Table(title="llmstages generate", show_lines=True)
@@ -62,8 +62,11 @@ def generate_cmd(argv: list[str]) -> int:
     table.add_column("response")
     for path in models:
         try:
+            if is_reward_model(path):
+                sys.exit(f"llmstages generate: {path} is a reward model (it scores answers, it does not write "
+                         "them); pass a policy such as outputs/sft or outputs/rlhf")
             model, _, tok = load_model(path)  # a stage output or a Hugging Face Llama folder
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             sys.exit(f"llmstages generate: {err}")
         gen = torch.Generator().manual_seed(args.seed)
         g = generate(model, [tok.encode_prompt(p) for p in args.prompt], args.max_new_tokens, tok.eos_id, tok.pad_id,

@@ -33,6 +33,7 @@ add_generation_prompt=True)`` gives the ids :meth:`~llmstages.tokenizer.ChatToke
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -133,7 +134,8 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: ``output`` is not a stage output.
-        ValueError: ``output`` is already a Hugging Face folder, ``folder`` holds a stage output, a file of
+        ValueError: ``output`` is already a Hugging Face folder, ``folder`` holds a stage output or other files
+            (a folder that is not empty must be an earlier export: it holds ``llmstages.json``), a file of
             ``output`` is broken (see :func:`~llmstages.checkpoint.load_output`), or a reward head has a
             non-zero bias (it has no place in Llama's score head).
     """
@@ -146,6 +148,9 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
     if (folder / "meta.json").is_file() and not (folder / "llmstages.json").is_file():
         raise ValueError(f"{folder} holds a stage output (meta.json): exporting there would overwrite it; choose "
                          "another folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "llmstages.json").is_file():
+        raise ValueError(f"{folder} is not empty and not an earlier export (no llmstages.json): exporting there "
+                         "would mix its files with the checkpoint's; choose a new or empty folder")
     meta = read_json(output / "meta.json") if (output / "meta.json").is_file() else {}
     reward = meta.get("stage") == "reward"
     model, head, _ = load_output(output, with_head=reward)
@@ -171,6 +176,7 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
     finally:
         hf_logging.enable_progress_bar()
     tok.save(folder)
+    shutil.rmtree(folder / "adapter", ignore_errors=True)  # an earlier export's adapter is not this model's
     if (output / "adapter").is_dir() and not reward:
         export_adapter(output / "adapter", folder / "adapter")
     write_json(folder / "llmstages.json", {**meta, "exported_from": str(output)})

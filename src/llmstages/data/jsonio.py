@@ -61,7 +61,7 @@ def iter_jsonl(path: str | Path, skip_bad: bool = False) -> Iterator[tuple[str, 
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))  # a row cut short: its column, not "line 2 column 1"
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
                 if not isinstance(row, dict):

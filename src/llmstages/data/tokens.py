@@ -125,7 +125,8 @@ def write_token_files(pieces: Iterable[Piece], tok: tokenizers.Tokenizer, eos_id
 
     Raises:
         ValueError: bad ``val_fraction``/``eos_id``/``vocab_size``, a token id >= ``vocab_size``, or no
-            document in the train split ("need at least 2 documents"); errors of ``pieces`` pass through.
+            document in the train split ("need at least 2 documents") or none at all ("no text"); errors of
+            ``pieces`` pass through.
     """
     dtype = token_dtype(vocab_size)
     if not 0 <= val_fraction < 1:
@@ -177,6 +178,8 @@ def write_token_files(pieces: Iterable[Piece], tok: tokenizers.Tokenizer, eos_id
             bar.update(task, completed=done_bytes, docs=done_docs)
         bar.update(task, total=done_bytes, completed=done_bytes)
     train, val = stats[False], stats[True]
+    if train.docs + val.docs == 0:
+        raise ValueError("the corpus has no text: every document in it is empty or whitespace only")
     if train.docs == 0:
         names = ", ".join([*train.names, *val.names][:3])
         raise ValueError(f"need at least 2 documents for a train/validation split, got {train.docs + val.docs} "
