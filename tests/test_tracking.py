@@ -92,6 +92,8 @@ def test_mlflow_store_speaks_mlflows_model_training_vocabulary(tiny_run):
         assert run.data.tags["mlflow.source.name"] == f"llmstages {stage}"
         # final values under their metrics.json names (no final/ or eval/ copies); the resume step is a tag
         assert not [k for k in run.data.metrics if k.startswith(("final/", "eval/"))]
+        if stage == "data":  # the empty list (the stdlib corpus) is a param too: compare shows it when it differs
+            assert run.data.params["data.corpus"] == "[]"
         key = {"data": "train_tokens", "pretrain": "val_loss", "sft": "exact_match_arithmetic",
                "reward": "val_accuracy", "rlhf": "rlhf_reward"}[stage]
         assert run.data.metrics[key] == pytest.approx(metrics[stage][key])

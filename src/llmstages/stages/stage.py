@@ -295,11 +295,13 @@ def at_optimizer_steps(trainer: L.Trainer) -> None:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """Dotted keys of a nested config; an empty list or mapping as its text (``"[]"``), which Lightning's
+    loggers would otherwise drop, so that a run with ``data.corpus=[]`` still shows the key that differs."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(_flatten(v, key + "."))
         else:
-            out[key] = v
+            out[key] = str(v) if isinstance(v, (list, dict)) and not v else v
     return out
