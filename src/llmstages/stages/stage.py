@@ -34,9 +34,15 @@ log = logging.getLogger("llmstages")
 
 
 def log_encoding(stage: str, **sets) -> None:
-    """Log one line per encoded set: rows read, kept, truncated, dropped per reason, tokens."""
+    """Log one line per encoded set: rows read, kept, truncated, dropped per reason, tokens; a warning when more
+    than a tenth of its rows were truncated (the stage's ``max_len`` is short for this data or tokenizer)."""
     for name, stats in sets.items():
-        log.info("%s %s set: %s", stage, name, ", ".join(f"{k} {v}" for k, v in stats.summary().items()))
+        line = ", ".join(f"{k} {v}" for k, v in stats.summary().items())
+        if stats.truncated > 0.1 * max(stats.read, 1):
+            log.warning("%s %s set: %s: %.0f%% of the rows were truncated (raise %s)", stage, name, line,
+                        100 * stats.truncated / stats.read, "dpo.max_len" if stage == "dpo" else "max_len")
+        else:
+            log.info("%s %s set: %s", stage, name, line)
 
 def encoding_metrics(**sets) -> dict[str, int]:
     """``{"<set>_<count>": n}`` for each set's :meth:`~llmstages.data.datasets.EncodeStats.summary`."""
