@@ -181,3 +181,23 @@ def test_vocab_too_small():
 def test_role_tokens_constant():
     assert list(ROLE_TOKENS.values()) == SPECIAL_TOKENS[3:]
     assert isinstance(train_tokenizer(TEXTS, 300), ChatTokenizer)
+
+
+def test_a_kept_chat_template_that_fails_names_what_and_where(tmp_path):
+    """A brought model's own template is code: invalid Jinja names its file; a template that raises, or refuses
+    a conversation through raise_exception(), gives a ValueError saying so."""
+    def folder(name: str, template: str):
+        gpt2_like(tmp_path / name, {"eos_token": "<|endoftext|>", "chat_template": template})
+        return tmp_path / name
+
+    with pytest.raises(ValueError, match=r"bad/tokenizer_config.json: its chat_template is not valid Jinja"):
+        load_tokenizer(folder("bad", "{% if %}"), keep_template=True)
+    calls = load_tokenizer(folder("calls", "{{ messages[0].content.upper(1) }}"), keep_template=True)
+    with pytest.raises(ValueError, match=r"failed on a conversation of roles \['user'\]: TypeError"):
+        calls.encode_prompt("hi")
+    strict = load_tokenizer(folder("strict", "{% if messages[0]['role'] != 'system' %}"
+                                             "{{ raise_exception('a system message first') }}{% endif %}"),
+                            keep_template=True)
+    with pytest.raises(ValueError, match=r"refused the conversation: a system message first"):
+        strict.encode_chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])
+    assert load_tokenizer(tmp_path / "bad").template is None  # without keep_template it is replaced, not read

@@ -79,6 +79,7 @@ class ChatTokenizer:
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.role_ids = {r: ids[r] for r in ROLES if r in ids}
         if self.template:
+            from jinja2 import TemplateError
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def refuse(message: str):
@@ -86,7 +87,10 @@ class ChatTokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
             env.globals["raise_exception"] = refuse
-            self._jinja = env.from_string(self.template)
+            try:
+                self._jinja = env.from_string(self.template)
+            except TemplateError as err:
+                raise ValueError(f"its chat_template is not valid Jinja: {err}") from None
             self._with_specials = Tokenizer.from_str(self.tok.to_str())  # the rendered text's special tokens count
 
     @property
@@ -99,8 +103,14 @@ class ChatTokenizer:
         return self.template or chat_template(self.bos, self.eos)
 
     def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
-        return self._jinja.render(messages=list(messages), add_generation_prompt=generation_prompt,
-                                  bos_token=self.bos, eos_token=self.eos, pad_token=self.pad)
+        try:
+            return self._jinja.render(messages=list(messages), add_generation_prompt=generation_prompt,
+                                      bos_token=self.bos, eos_token=self.eos, pad_token=self.pad)
+        except ValueError:  # raise_exception() of the template: it refused the conversation, and says why
+            raise
+        except Exception as err:  # noqa: BLE001  (a template is code: an undefined name, a bad call...)
+            raise ValueError(f"the chat template failed on a conversation of roles "
+                             f"{[m['role'] for m in messages]}: {type(err).__name__}: {err}") from None
 
     def _encode_rendered(self, text: str) -> list[int]:
         return self._with_specials.encode(text, add_special_tokens=False).ids
@@ -197,8 +207,9 @@ class ChatTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / TOKENIZER_FILE).write_text(self.tok.to_str(), encoding="utf-8")
+        roles = [] if self.template else list(ROLE_TOKENS.values())
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos, "eos_token": self.eos,
-                  "pad_token": self.pad, "additional_special_tokens": [] if self.template else list(ROLE_TOKENS.values()),
+                  "pad_token": self.pad, "additional_special_tokens": roles,
                   "chat_template": self.chat_template, "clean_up_tokenization_spaces": False}
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return folder
@@ -300,4 +311,7 @@ def load_tokenizer(path: str | Path, *, bos_token: str | None = None, eos_token:
     if own and not keep_template:
         log.warning("%s: its chat_template is replaced by llmstages' role-token template (the model is trained "
                     "from scratch with it)", config_file)
-    return ChatTokenizer(tok, bos=bos, eos=eos, pad=pad, template=own if keep_template else None)
+    try:
+        return ChatTokenizer(tok, bos=bos, eos=eos, pad=pad, template=own if keep_template else None)
+    except ValueError as err:
+        raise ValueError(f"{config_file if own and keep_template else file}: {err}") from None
