@@ -155,8 +155,12 @@ def test_plot(store, capsys, tmp_path):
     png.unlink()
     with pytest.raises(SystemExit) as exc:  # a misspelt metric: an error naming what there is, and no PNG
         main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--plot", "nope", "--plot-file", str(png)])
-    assert str(exc.value.code).startswith("llmstages compare: --plot nope: no run here logged it; these runs have: ")
-    assert "train/lm_loss" in str(exc.value.code) and not png.exists()
+    assert str(exc.value.code).startswith("llmstages compare: --plot nope: no run here logged it; these runs have the "
+                                          "curves train/lm_loss")
+    assert "final values (" in str(exc.value.code) and not png.exists()
+    with pytest.raises(SystemExit) as exc:  # a near miss: the closest names first
+        main(["compare", "--tracking-uri", uri, "--stage", "pretrain", "--plot", "train/lm_los"])
+    assert "--plot train/lm_los: no run here logged it (did you mean train/lm_loss?)" in str(exc.value.code)
 
 
 def test_errors(store, capsys, tmp_path):

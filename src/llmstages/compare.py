@@ -8,6 +8,7 @@ Only the standard library is imported here at module level; MLflow, rich and mat
 from __future__ import annotations
 
 import csv
+import difflib
 import sys
 from contextlib import nullcontext
 from datetime import datetime
@@ -101,6 +102,12 @@ def metric_value(run, name: str) -> float | None:
     return run.data.metrics.get(name)
 
 
+def did_you_mean(unknown: list[str], known) -> str:
+    """`` (did you mean val/lm_loss?)`` for the known names closest to the misspelt ones (difflib), else ``""``."""
+    close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1, cutoff=0.75)]
+    return f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
+
+
 def choose_metrics(runs, requested: list[str] | None) -> list[str]:
     """``requested`` as given; ``["all"]``: every final metric any run has; none: the per-stage defaults.
 
@@ -114,7 +121,8 @@ def choose_metrics(runs, requested: list[str] | None) -> list[str]:
         known = {k for r in runs for k in r.data.metrics}
         unknown = [m for m in requested if m not in known]
         if unknown:
-            msg = f"no listed run logged {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            msg = f"no listed run logged {', '.join(unknown)}{did_you_mean(unknown, known)} (known: " \
+                  f"{', '.join(sorted(known))})"
             if len(unknown) == len(requested):  # a table of empty columns answers nothing
                 raise CompareError(msg)
             print(f"llmstages compare: {msg}", file=sys.stderr)
@@ -268,9 +276,11 @@ def compare(*, tracking_uri: str, stage: str | None = None, experiments: list[st
             logged = sorted(set().union(*(r.data.metrics for r in runs)))
             unknown = [m for m in plots if m not in logged]
             if unknown:
-                raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it; these runs have: "
-                                   f"{', '.join(m for m in logged if '/' in m)} (curves); "
-                                   f"{', '.join(m for m in logged if '/' not in m)} (final values)")
+                finals = [m for m in logged if "/" not in m]
+                raise CompareError(f"--plot {', '.join(unknown)}: no run here logged it{did_you_mean(unknown, logged)};"
+                                   f" these runs have the curves {', '.join(m for m in logged if '/' in m)}, and "
+                                   f"{len(finals)} final values ({', '.join(finals[:4])}, ...: `--metric all` "
+                                   "shows them)")
         names = choose_metrics(runs, metrics)
         header, rows = table(runs, params, names, lineage)
         note = f"{n_same} param{'s' * (n_same != 1)} identical across the {len(runs)} run{'s' * (len(runs) != 1)} " \
