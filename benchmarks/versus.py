@@ -42,14 +42,12 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import machine, matmul_peak, sync  # noqa: E402
+from common import machine, matmul_peak, sync
 
 PRESETS = {  # layers, d_model, heads, batch, seq_len, vocabulary
     "cpu": (4, 256, 4, 16, 256, 4096),

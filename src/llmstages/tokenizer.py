@@ -199,8 +199,11 @@ class ChatTokenizer:
             return self.encode(response) + [self.eos_id]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         ids, mask = self._encode_with_template([*messages, {"role": "assistant", "content": response}])
-        n = len(self.encode_prompt(messages))
-        return [t for t, m in zip(ids[n:], mask[n:]) if m]
+        end = len(mask) - mask[::-1].index(1)  # the last assistant turn: the last run of mask 1 (it is not empty)
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        return ids[start:end]
 
     def save(self, folder: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder`` (created); returns ``folder``."""

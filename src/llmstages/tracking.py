@@ -366,9 +366,8 @@ def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, registe
         if type(lg).__name__ != "MLFlowLogger":
             continue
         client, run = lg.experiment, lg.experiment.get_run(lg.run_id)
-        where = Path(out_dir).resolve()
-        if where.is_relative_to(Path.cwd().resolve()):
-            where = where.relative_to(Path.cwd().resolve())
+        where, project = Path(out_dir).resolve(), Path.cwd().resolve()
+        where = where.relative_to(project) if where.is_relative_to(project) else where
         model = client.create_logged_model(run.info.experiment_id, name=stage, source_run_id=lg.run_id,
                                            model_type=kind, tags={"local_path": where.as_posix(),
                                                                   "output_md5": output_md5})

@@ -39,8 +39,8 @@ def log_encoding(stage: str, **sets) -> None:
     for name, stats in sets.items():
         line = ", ".join(f"{k} {v}" for k, v in stats.summary().items())
         if stats.truncated > 0.1 * max(stats.read, 1):
-            log.warning("%s %s set: %s: %.0f%% of the rows were truncated (raise %s)", stage, name, line,
-                        100 * stats.truncated / stats.read, "dpo.max_len" if stage == "dpo" else "max_len")
+            log.warning("%s %s set: %s: %.0f%% of the rows were truncated (raise the stage's max_len)", stage, name,
+                        line, 100 * stats.truncated / stats.read)
         else:
             log.info("%s %s set: %s", stage, name, line)
 
