@@ -117,9 +117,13 @@ def _glibc() -> bool:
 
 @pytest.mark.skipif(not _glibc(), reason="glibc malloc only")
 def test_freed_host_memory_is_reused_without_page_faults():
-    """After keep_freed_host_memory, a freed 64 MiB activation is reused: no new zero-filled pages (the median of
-    three measured rounds, after the heap has grown to fit). Before, each allocation is a fresh mmap: 16,384
-    minor page faults of 4 KiB each."""
+    """After keep_freed_host_memory, a freed 64 MiB activation is reused: no new zero-filled pages once the heap
+    has grown to fit. Before, each allocation is a fresh mmap: 16,384 minor page faults of 4 KiB each.
+
+    The heap takes a few rounds to settle: torch allocates with ``posix_memalign``, whose request is a little
+    larger than the chunk an earlier aligned allocation freed, so the first rounds take new memory until the
+    freed pieces have merged (3 rounds of 3 allocations here, more on some machines). The test gives it 9 rounds
+    and then asks for 3 rounds in a row without new pages."""
     code = """
 import resource, torch
 from llmstages.runtime import keep_freed_host_memory
@@ -130,14 +134,14 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 before = faults()
 tuned = keep_freed_host_memory()
-faults(), faults()  # the heap grows to fit (once, sometimes twice)
-print(tuned, before, sorted(faults() for _ in range(3))[1], keep_freed_host_memory())
+rounds = [faults() for _ in range(12)]
+print(tuned, before, keep_freed_host_memory(), *rounds)
 """
-    tuned, before, after, again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                 check=True).stdout.split()
+    tuned, before, again, *rounds = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                   check=True).stdout.split()
     assert (tuned, again) == ("True", "True")
     assert int(before) >= 3 * 16_384 * 0.9
-    assert int(after) < 1_000
+    assert all(int(f) < 1_000 for f in rounds[-3:]), rounds
 
 
 def test_kv_cache_greedy_equals_full_recompute():
