@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llmstages.losses import (
-    bradley_terry_loss, gae, kl_estimate, masked_mean, next_token_loss, ppo_policy_loss, token_logprobs,
-    value_loss, whiten,
+    bradley_terry_loss, gae, kl_estimate, masked_mean, next_token_loss, ppo_policy_loss, token_cross_entropy,
+    token_logprobs, value_loss, whiten,
 )
 
 
@@ -102,6 +102,50 @@ def test_token_logprobs_float32_for_bf16():
     assert out.dtype == torch.float32
     lse0 = math.log(math.exp(1.0) + math.exp(2.0) + math.exp(3.0))
     assert close(out[0], [3.0 - lse0, -math.log(3.0)], tol=1e-5)  # inputs exact in bf16, softmax in fp32
+
+
+def test_token_cross_entropy_gradient_is_softmax_minus_onehot():
+    """Logits [0, ln 3], target 1: p = [1/4, 3/4], loss = ln(4/3); d loss / d logits = g (p - onehot)."""
+    logits = t([[0.0, math.log(3.0)], [0.0, 0.0]]).requires_grad_()
+    loss = token_cross_entropy(logits, t([1, 0], torch.long))
+    assert close(loss, [math.log(4 / 3), math.log(2.0)])
+    loss.backward(t([2.0, -1.0]))  # an incoming gradient of each sign (an RL advantage can be negative)
+    assert close(logits.grad.flatten(), [2 * 0.25, 2 * -0.25, -1 * (0.5 - 1), -1 * 0.5])
+
+
+def test_token_cross_entropy_and_logprobs_match_autograd():
+    """Values equal F.cross_entropy's; the written-out backward equals autograd's (float64: gradcheck too), for
+    float32 and bf16 logits (the gradient in the logits' dtype)."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(40, 97).to(dtype).requires_grad_()
+        y, g = torch.randint(0, 97, (40,)), torch.randn(40)
+        ours = token_cross_entropy(x, y)
+        (ours * g).sum().backward()
+        got = x.grad.clone()
+        x.grad = None
+        ref = torch.nn.functional.cross_entropy(x.float(), y, reduction="none")
+        (ref * g).sum().backward()
+        assert torch.equal(ours, ref) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), x.grad.float(), rtol=1e-5, atol=1e-7)
+    x64, y = torch.randn(5, 7, dtype=torch.float64, requires_grad=True), torch.tensor([[0, 6, 3, 3, 1]])
+    (token_logprobs(x64.view(1, 5, 7), y) * g[:5]).sum().backward()
+    got = x64.grad.clone()
+    x64.grad = None
+    ref = torch.log_softmax(x64, -1).gather(-1, y.view(5, 1)).flatten()
+    (ref * g[:5]).sum().backward()
+    torch.testing.assert_close(got, x64.grad, rtol=1e-12, atol=1e-14)
+    assert token_logprobs(x64, y.view(5)).shape == (5,)  # any leading shape: (N, V) and (N,) too
+
+
+def test_token_cross_entropy_second_backward_raises():
+    """The backward reuses the saved log-softmax in place: a second backward through the same graph is refused
+    by autograd, never a silently wrong gradient."""
+    x = torch.randn(3, 5, requires_grad=True)
+    loss = token_cross_entropy(x, torch.tensor([0, 1, 2])).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 # ---------------------------------------------------------------- bradley_terry_loss

@@ -1,11 +1,15 @@
 """Tests for llmstages.model (GPT, KV cache, helpers) and llmstages.generation (batched sampling)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from llmstages.generation import generate, left_pad, positions_from_mask
-from llmstages.model import GPT, GPTConfig, KVCache, ScalarHead, last_token_index
+from llmstages.model import (
+    GPT, GPTConfig, KVCache, ScalarHead, apply_rope, last_token_index, rms_norm, rope_tables, swiglu,
+)
 from llmstages.optim import param_groups
 
 VOCAB = 50
@@ -298,3 +302,58 @@ def test_a_long_probe_prompt_does_not_shorten_the_other_answers(model):
     both, gens = probe_answers(model, tok, [short, "x" * 500], 8, chat=True)  # 500 > max_seq_len 64
     assert both[0] == alone[0] and len(alone[0].split()) == 8
     assert len(both[1].split()) == 1 and len(gens) == 2  # the long one is cut to leave room for 1 token
+
+
+# ---------------------------------------------------------------- element-wise layers with written-out backward
+
+
+def test_rope_rotates_pairs_by_position_and_its_gradient_is_exact():
+    """Position 1, angle 1 rad per pair at frequency 1 (theta=1): [1, 0 | 0, 1] -> [cos 1, -sin 1 | sin 1, cos 1];
+    strided q/k views give what the chunk/cat formula gives; the backward passes gradcheck in float64."""
+    cos, sin = rope_tables(4, 4, theta=1.0)  # inv_freq = [1, 1]
+    x = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 4)
+    out = apply_rope(x, cos[1:2], sin[1:2])
+    c, s = math.cos(1.0), math.sin(1.0)
+    assert out.flatten().tolist() == pytest.approx([c, -s, s, c])
+    cos, sin = rope_tables(16, 8, 10000.0)
+    qkv = torch.randn(2, 16, 3, 2, 8)  # (B, T, 3, H, Dh) as Attention views it
+    c, s = cos[None, :, None, None], sin[None, :, None, None]
+    x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)
+    torch.testing.assert_close(apply_rope(qkv[:, :, :2], c, s), torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), -1))
+    x64 = torch.randn(2, 16, 2, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: apply_rope(z, c.double(), s.double()), (x64,))
+    bf = apply_rope(qkv[:, :, :2].bfloat16(), c, s)  # rotated in float32, returned in the input's dtype
+    assert bf.dtype == torch.bfloat16
+
+
+def test_rms_norm_values_and_gradients():
+    """Row [3, 4]: mean square 12.5, so x / sqrt(12.5) * w; values equal F.rms_norm's; gradcheck in float64 for
+    the input and the gain; float32 gradients equal autograd through the composite."""
+    x = torch.tensor([[3.0, 4.0]])
+    w = torch.tensor([1.0, 2.0])
+    assert rms_norm(x, w, 0.0).flatten().tolist() == pytest.approx([3 / math.sqrt(12.5), 8 / math.sqrt(12.5)])
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(16)).requires_grad_()
+    g = torch.randn(3, 5, 16)
+    ours = rms_norm(x, w, 1e-5)
+    ours.backward(g)
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    ref.backward(g)
+    torch.testing.assert_close(ours, torch.nn.functional.rms_norm(x, (16,), w, 1e-5), rtol=0, atol=0)
+    torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-5, atol=1e-5)
+    x64, w64 = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64,
+                                                                                           requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-5), (x64, w64))
+    assert rms_norm(x.detach().bfloat16(), w.detach(), 1e-5).dtype == torch.bfloat16
+
+
+def test_swiglu_values_and_gradient():
+    """silu(g) * u with g, u the two halves: [g=0, u=5] -> 0; [g=1, u=2] -> 2 / (1 + e^-1); gradcheck in float64."""
+    out = swiglu(torch.tensor([[0.0, 1.0, 5.0, 2.0]]))
+    assert out.flatten().tolist() == pytest.approx([0.0, 2 / (1 + math.exp(-1))])
+    x64 = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu, (x64,))
