@@ -289,3 +289,14 @@ def test_wandb_offline_run(tiny_run, tmp_path):
     record = next(runs[0].glob("run-*.wandb")).read_bytes()
     for needle in (b"wb-group", b"reward", b"trainer.max_steps", b"val_accuracy"):
         assert needle in record
+
+
+def test_params_mode_refuses_overrides_and_says_where_they_go(tmp_path):
+    """``--params FILE`` trains with FILE's section as written: an override after it is refused (exit 2) with
+    the two places an override does go, before anything is read or written."""
+    p = run(["sft", "--params", "params.yaml", "sft.optim.lr=1"], tmp_path, check=False)
+    assert p.returncode == 2
+    assert ("--params params.yaml takes no overrides, got: sft.optim.lr=1. Edit the 'sft' section of params.yaml, "
+            "or compose from conf/ with the overrides: llmstages sft optim.lr=1 (or, in a DVC project: "
+            "dvc exp run -S 'sft.optim.lr=1')") in p.stderr
+    assert not list(tmp_path.iterdir())

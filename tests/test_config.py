@@ -121,8 +121,13 @@ def test_model_presets_sizes():
 def test_misspelled_key_names_the_key():
     cfg = OmegaConf.to_container(compose("pretrain"))
     cfg["trainer"]["max_stepz"] = 5
-    with pytest.raises(ConfigError, match="max_stepz"):
+    with pytest.raises(ConfigError, match=re.escape("key 'trainer.max_stepz': Key 'max_stepz' not in "
+                                                    "'TrainerSchema'; did you mean 'trainer.max_steps'?")):
         validate("pretrain", cfg)
+    cfg = OmegaConf.to_container(compose("sft"))
+    cfg["lrr"] = 1  # top level, nothing close: no suggestion
+    with pytest.raises(ConfigError, match=r"key 'lrr': Key 'lrr' not in 'SFTSchema'$"):
+        validate("sft", cfg)
 
 
 def test_wrong_type_names_the_key():

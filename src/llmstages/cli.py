@@ -172,7 +172,12 @@ def _params_mode(stage: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"llmstages {stage}")
     parser.add_argument("--params", required=True, help="composed params file (params.yaml)")
     parser.add_argument("--out", default=None, help="output folder (default: outputs/<stage>)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = " ".join(a.removeprefix(f"{stage}.") for a in extra)
+        parser.error(f"--params {args.params} takes no overrides, got: {' '.join(extra)}. Edit the '{stage}' "
+                     f"section of {args.params}, or compose from conf/ with the overrides: llmstages {stage} "
+                     f"{overrides} (or, in a DVC project: dvc exp run -S '{stage}.{extra[0].removeprefix(stage + '.')}')")
     from omegaconf import OmegaConf
 
     from .config import ConfigError

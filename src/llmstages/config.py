@@ -286,6 +286,19 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key."""
 
 
+def _did_you_mean(stage: str, key: str) -> str:
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    schema = OmegaConf.structured(SCHEMAS[stage])
+    node = OmegaConf.select(schema, parent) if parent else schema
+    if not isinstance(node, DictConfig) or leaf in node:
+        return ""
+    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
 def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_here: bool = False) -> DictConfig:
     """Merge ``cfg`` onto the stage schema: unknown keys and wrong types raise :class:`ConfigError`.
 
@@ -304,7 +317,7 @@ def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_he
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends full_key/object_type lines
-        raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}") from err
+        raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}{_did_you_mean(stage, key)}") from err
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:  # the schemas hold no defaults: conf/ gives every value (params.yaml from an older conf/ may not)
         raise ConfigError(f"{source}: {stage} config has no value for {', '.join(missing)} (every key comes from "
