@@ -54,16 +54,16 @@ def cases(device: str) -> list[tuple[str, torch.dtype, callable, callable, list]
     from llmstages.model import apply_rope, rms_norm, rope_tables, swiglu
 
     cos, sin = rope_tables(256, 64, 10000.0)
-    cos, sin = cos[None, :, None, None].to(device), sin[None, :, None, None].to(device)
+    cos, sin = cos[None, None, None].to(device), sin[None, None, None].to(device)  # (1, 1, 1, T, Dh/2)
     w = (1 + 0.1 * torch.randn(256)).to(device)
     y = torch.randint(0, 4096, (4096,), device=device)
     out = []
     for dtype in (torch.float32, torch.bfloat16):
         def qkv(dtype=dtype):
-            return torch.randn(16, 256, 3, 4, 64, device=device, dtype=dtype).requires_grad_()
+            return torch.randn(16, 256, 3, 4, 64, device=device, dtype=dtype).permute(2, 0, 3, 1, 4).detach().requires_grad_()
 
-        out.append(("rotary embeddings", dtype, lambda t: apply_rope(t[:, :, :2], cos, sin),
-                    lambda t: rope_autograd(t[:, :, :2], cos, sin), qkv))
+        out.append(("rotary embeddings", dtype, lambda t: apply_rope(t[:2], cos, sin),
+                    lambda t: rope_autograd(t[:2], cos, sin), qkv))
         out.append(("SwiGLU", dtype, swiglu, swiglu_autograd,
                     lambda dtype=dtype: torch.randn(16, 256, 1408, device=device, dtype=dtype).requires_grad_()))
         out.append(("cross-entropy", dtype, lambda t: token_cross_entropy(t, y),

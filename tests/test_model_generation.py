@@ -316,13 +316,15 @@ def test_rope_rotates_pairs_by_position_and_its_gradient_is_exact():
     c, s = math.cos(1.0), math.sin(1.0)
     assert out.flatten().tolist() == pytest.approx([c, -s, s, c])
     cos, sin = rope_tables(16, 8, 10000.0)
-    qkv = torch.randn(2, 16, 3, 2, 8)  # (B, T, 3, H, Dh) as Attention views it
-    c, s = cos[None, :, None, None], sin[None, :, None, None]
-    x1, x2 = qkv[:, :, :2].chunk(2, dim=-1)
-    torch.testing.assert_close(apply_rope(qkv[:, :, :2], c, s), torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), -1))
-    x64 = torch.randn(2, 16, 2, 2, 8, dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(2, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh) as Attention views it
+    c, s = cos[None, None, None], sin[None, None, None]  # (1, 1, 1, T, Dh/2)
+    x1, x2 = qkv[:2].chunk(2, dim=-1)
+    out = apply_rope(qkv[:2], c, s)
+    torch.testing.assert_close(out, torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), -1))
+    assert out[0].is_contiguous() and out[1].is_contiguous()  # queries and keys each contiguous for attention
+    x64 = torch.randn(2, 2, 2, 16, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: apply_rope(z, c.double(), s.double()), (x64,))
-    bf = apply_rope(qkv[:, :, :2].bfloat16(), c, s)  # rotated in float32, returned in the input's dtype
+    bf = apply_rope(qkv[:2].bfloat16(), c, s)  # rotated in float32, returned in the input's dtype
     assert bf.dtype == torch.bfloat16
 
 
