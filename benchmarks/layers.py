@@ -4,7 +4,7 @@ replaced, forward + backward, interleaved in one process.
 Each pair computes the same values (the script checks them) at the shapes of one layer of the default pipeline's
 pretraining step (``small`` model: batch 16 x 256, d_model 256, 4 heads, SwiGLU width 704, vocabulary 4,096):
 
-- **rotary embeddings** of queries and keys together, ``(16, 256, 2, 4, 64)`` strided views of the fused QKV
+- **rotary embeddings** of queries and keys together, ``(2, 16, 4, 256, 64)`` strided views of the fused QKV
   output: :func:`llmstages.model.apply_rope` against ``chunk`` / four multiplies / ``cat`` through autograd;
 - **RMSNorm** ``(16, 256, 256)``: :func:`llmstages.model.rms_norm` (the CPU path) against ``F.rms_norm``, whose
   CPU backward is autograd through its composite;
