@@ -174,10 +174,11 @@ def _params_mode(stage: str, argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: outputs/<stage>)")
     args, extra = parser.parse_known_args(argv)
     if extra:
-        overrides = " ".join(a.removeprefix(f"{stage}.") for a in extra)
+        keys = [a.removeprefix(f"{stage}.") for a in extra]
+        dvc_sets = " ".join(f"-S '{stage}.{k}'" for k in keys)
         parser.error(f"--params {args.params} takes no overrides, got: {' '.join(extra)}. Edit the '{stage}' "
                      f"section of {args.params}, or compose from conf/ with the overrides: llmstages {stage} "
-                     f"{overrides} (or, in a DVC project: dvc exp run -S '{stage}.{extra[0].removeprefix(stage + '.')}')")
+                     f"{' '.join(keys)} (or, in a DVC project: dvc exp run {dvc_sets})")
     from omegaconf import OmegaConf
 
     from .config import ConfigError

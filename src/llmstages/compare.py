@@ -8,7 +8,6 @@ Only the standard library is imported here at module level; MLflow, rich and mat
 from __future__ import annotations
 
 import csv
-import difflib
 import sys
 from contextlib import nullcontext
 from datetime import datetime
@@ -104,7 +103,9 @@ def metric_value(run, name: str) -> float | None:
 
 def did_you_mean(unknown: list[str], known) -> str:
     """`` (did you mean val/lm_loss?)`` for the known names closest to the misspelt ones (difflib), else ``""``."""
-    close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1, cutoff=0.75)]
+    from .config import closest
+
+    close = [m for u in unknown if (m := closest(u, known, cutoff=0.75))]
     return f" (did you mean {' or '.join(dict.fromkeys(close))}?)" if close else ""
 
 

@@ -286,17 +286,23 @@ class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key."""
 
 
-def _did_you_mean(stage: str, key: str) -> str:
-    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
+def closest(name: str, known, cutoff: float = 0.6) -> str | None:
+    """The name in ``known`` closest to a misspelt ``name`` (difflib's ratio at least ``cutoff``), or None."""
     import difflib
 
+    match = difflib.get_close_matches(name, sorted(str(k) for k in known), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def _did_you_mean(stage: str, key: str) -> str:
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
     parent, _, leaf = key.rpartition(".")
     schema = OmegaConf.structured(SCHEMAS[stage])
     node = OmegaConf.select(schema, parent) if parent else schema
     if not isinstance(node, DictConfig) or leaf in node:
         return ""
-    close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1)
-    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+    match = closest(leaf, node.keys())
+    return f"; did you mean '{parent + '.' if parent else ''}{match}'?" if match else ""
 
 
 def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_here: bool = False) -> DictConfig:
