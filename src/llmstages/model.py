@@ -119,10 +119,11 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """``x`` rotated pairwise in the half-split layout, in float32 (float64 stays float64), as a new contiguous
-    tensor: ``[x1 cos - x2 sin, x1 sin + x2 cos]``. Four element-wise kernels writing straight into the halves of
-    the output; no temporaries and no concatenation."""
+    tensor: ``[x1 cos - x2 sin, x1 sin + x2 cos]``, or by the opposite angle with ``inverse`` (``[x1 cos + x2
+    sin, x2 cos - x1 sin]``). Four element-wise kernels writing straight into the halves of the output; no
+    temporaries and no concatenation."""
     dtype = _compute_dtype(x)
     x = x.to(dtype)
     cos, sin = cos.to(dtype), sin.to(dtype)
@@ -130,16 +131,21 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     o1, o2 = out[..., :half], out[..., half:]
+    # addcmul with out=, not addcmul_: TorchDynamo rounds that one differently
     torch.mul(x1, cos, out=o1)
-    torch.addcmul(o1, x2, sin, value=-1.0, out=o1)  # not addcmul_: TorchDynamo rounds that one differently
-    torch.mul(x1, sin, out=o2)
-    torch.addcmul(o2, x2, cos, out=o2)
+    torch.addcmul(o1, x2, sin, value=1.0 if inverse else -1.0, out=o1)
+    if inverse:
+        torch.mul(x2, cos, out=o2)
+        torch.addcmul(o2, x1, sin, value=-1.0, out=o2)
+    else:
+        torch.mul(x1, sin, out=o2)
+        torch.addcmul(o2, x2, cos, out=o2)
     return out
 
 
 class _RotaryEmbedding(torch.autograd.Function):
     """Rotary embedding with its exact backward: a rotation's transpose is the rotation by the opposite angle,
-    so the gradient is ``_rotate(grad, cos, -sin)`` and nothing but ``cos``/``sin`` is saved for backward."""
+    so the gradient is ``_rotate(grad, cos, sin, inverse=True)`` and nothing but ``cos``/``sin`` is saved."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -151,7 +157,7 @@ class _RotaryEmbedding(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin).to(ctx.dtype), None, None
+        return _rotate(grad, cos, sin, inverse=True).to(ctx.dtype), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
