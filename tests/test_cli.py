@@ -300,3 +300,19 @@ def test_params_mode_refuses_overrides_and_says_where_they_go(tmp_path):
             "or compose from conf/ with the overrides: llmstages sft optim.lr=1 (or, in a DVC project: "
             "dvc exp run -S 'sft.optim.lr=1')") in p.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_misspelled_override_is_named_before_hydra_runs(tmp_path):
+    """A command-line ``key=value`` whose key is not in the stage's config stops with the key and the closest
+    known one (Hydra's own message would suggest appending it with ``+``), before a run folder is made; a wrong
+    value of a known key names that key and suggests nothing."""
+    p = run(["sft", "trainer.max_stepz=5"], tmp_path, check=False)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == ("llmstages sft: command-line override 'trainer.max_stepz=5': no key "
+                                                 "'trainer.max_stepz' in the sft config; did you mean "
+                                                 "'trainer.max_steps'?")
+    assert not list(tmp_path.iterdir())  # no outputs/runs/... folder left behind
+    p = run(["sft", "trainer.max_steps=five"], tmp_path, check=False)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert "invalid sft config at key 'trainer.max_steps'" in last and "did you mean" not in last

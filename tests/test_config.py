@@ -282,3 +282,13 @@ def test_tiny_experiment_composes(tmp_path):
     # `llmstages params experiment=tiny`, written as for a single stage, composes the same file
     assert cli.main(["params", "experiment=tiny", "-o", str(tmp_path / "q.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "q.yaml").read_text()) == p
+
+
+def test_unknown_override_checks_dotted_keys_against_the_schema():
+    from llmstages.config import unknown_override
+
+    assert unknown_override("rlhf", "ppo.kl_coeff=0.3") == ("no key 'ppo.kl_coeff' in the rlhf config; "
+                                                             "did you mean 'ppo.kl_coef'?")
+    for ok in ("ppo.kl_coef=0.3", "trainer.max_steps=1,2", "+trainer.foo=1", "~trainer.max_steps", "model=tiny",
+               "hydra.run.dir=x", "nosuch.node.key=1"):
+        assert unknown_override("rlhf", ok) is None, ok

@@ -296,7 +296,13 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
             return None
         return float(value)
 
-    sys.argv = [f"llmstages {stage}", *(experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv)]
+    overrides = [experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv]
+    from .config import unknown_override
+
+    for override in overrides:  # before Hydra, whose own message would suggest adding the misspelt key with +
+        if msg := unknown_override(stage, override):
+            sys.exit(f"llmstages {stage}: command-line override {override!r}: {msg}")
+    sys.argv = [f"llmstages {stage}", *overrides]
     app()
     return 0
 

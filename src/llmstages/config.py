@@ -299,10 +299,25 @@ def _did_you_mean(stage: str, key: str) -> str:
     parent, _, leaf = key.rpartition(".")
     schema = OmegaConf.structured(SCHEMAS[stage])
     node = OmegaConf.select(schema, parent) if parent else schema
-    if not isinstance(node, DictConfig) or leaf in node:
+    if not isinstance(node, DictConfig) or leaf in node.keys():  # `in node` is False for a key without a value
         return ""
     match = closest(leaf, node.keys())
     return f"; did you mean '{parent + '.' if parent else ''}{match}'?" if match else ""
+
+
+def unknown_override(stage: str, override: str) -> str | None:
+    """The error for a command-line ``key=value`` whose key is not in ``stage``'s config (a misspelling Hydra would
+    only answer with "append with +key"), e.g. ``"no key 'trainer.max_stepz' in the sft config; did you mean
+    'trainer.max_steps'?"``; None for a known key, a ``+``/``~`` override, a config group, or a key outside the
+    schema (Hydra's ``hydra.*``)."""
+    key, sep, _ = override.partition("=")
+    if not sep or key[:1] in "+~" or "." not in key or key.startswith("hydra."):
+        return None
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(OmegaConf.structured(SCHEMAS[stage]), parent, default=None)
+    if not isinstance(node, DictConfig) or leaf in node.keys():
+        return None
+    return f"no key '{key}' in the {stage} config{_did_you_mean(stage, key)}"
 
 
 def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_here: bool = False) -> DictConfig:
