@@ -249,7 +249,7 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .config import ConfigError
+    from .config import ConfigError, unknown_override
     from .sweep import JobFailed, register_resolvers
 
     register_resolvers()  # ${llmstages.uid:} in hydra.run.dir / hydra.sweep.dir
@@ -297,8 +297,6 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
         return float(value)
 
     overrides = [experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv]
-    from .config import unknown_override
-
     for override in overrides:  # before Hydra, whose own message would suggest adding the misspelt key with +
         if msg := unknown_override(stage, override):
             sys.exit(f"llmstages {stage}: command-line override {override!r}: {msg}")

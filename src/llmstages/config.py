@@ -294,14 +294,21 @@ def closest(name: str, known, cutoff: float = 0.6) -> str | None:
     return match[0] if match else None
 
 
-def _did_you_mean(stage: str, key: str) -> str:
-    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
+def _unknown_key(stage: str, key: str) -> DictConfig | None:
+    """The schema node of ``stage`` that would hold dotted ``key`` when its last part is not one of the node's
+    keys, else None (a known key, or a parent outside the schema)."""
     parent, _, leaf = key.rpartition(".")
     schema = OmegaConf.structured(SCHEMAS[stage])
-    node = OmegaConf.select(schema, parent) if parent else schema
-    if not isinstance(node, DictConfig) or leaf in node.keys():  # `in node` is False for a key without a value
-        return ""
-    match = closest(leaf, node.keys())
+    node = OmegaConf.select(schema, parent, default=None) if parent else schema
+    # `leaf in node` would be False for a known key without a value (the schemas hold none)
+    return node if isinstance(node, DictConfig) and leaf not in node.keys() else None
+
+
+def _did_you_mean(stage: str, key: str) -> str:
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
+    node = _unknown_key(stage, key)
+    parent, _, leaf = key.rpartition(".")
+    match = closest(leaf, node.keys()) if node is not None else None
     return f"; did you mean '{parent + '.' if parent else ''}{match}'?" if match else ""
 
 
@@ -311,11 +318,7 @@ def unknown_override(stage: str, override: str) -> str | None:
     'trainer.max_steps'?"``; None for a known key, a ``+``/``~`` override, a config group, or a key outside the
     schema (Hydra's ``hydra.*``)."""
     key, sep, _ = override.partition("=")
-    if not sep or key[:1] in "+~" or "." not in key or key.startswith("hydra."):
-        return None
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(OmegaConf.structured(SCHEMAS[stage]), parent, default=None)
-    if not isinstance(node, DictConfig) or leaf in node.keys():
+    if not sep or key[:1] in "+~" or "." not in key or key.startswith("hydra.") or _unknown_key(stage, key) is None:
         return None
     return f"no key '{key}' in the {stage} config{_did_you_mean(stage, key)}"
 
