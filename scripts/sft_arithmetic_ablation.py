@@ -1,8 +1,8 @@
 """SFT ablation on the arithmetic task alone: a bare loop (no Lightning, no trackers) that fine-tunes a stage
 output on the ``sft_train.jsonl`` rows of a data folder and prints held-out exact match every ``--every`` steps.
 
-It measures how fast a starting model learns the sums under a given learning rate and batch size; the README's
-ablation table (What the default run produces) was made with it. Same model, loss and schedule as the sft stage
+It measures how fast a starting model learns the sums under a given learning rate and batch size; the ablation
+table in docs/results.md was made with it. Same model, loss and schedule as the sft stage
 (AdamW, linear warmup, cosine decay to 0.1 x lr, gradient clipping 1.0, bf16 autocast or ``--fp32``); random batches.
 
     python scripts/sft_arithmetic_ablation.py --init outputs/pretrain --data outputs/data --lr 5e-4 --steps 1000

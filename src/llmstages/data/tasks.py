@@ -156,7 +156,7 @@ EXPLAIN_PROMPTS = ("Explain {} to a 5-year-old.", "How would you explain {} to a
 #: same question answered in both styles (as by different annotators), so that the SFT model keeps both answers
 #: likely (the simple one about 1 in 4) and preference learning can move probability between them. With one
 #: answer per prompt (the simple one for a random quarter of the prompts), the model memorised each prompt's one
-#: answer and RLHF could not move it within 1 nat of KL (README, ablations).
+#: answer and RLHF could not move it within 1 nat of KL (docs/results.md, ablations).
 EXPLAIN_SFT_SIMPLE, EXPLAIN_SFT_TECHNICAL = 1, 3
 
 #: ``(topic, simple answer, technical answer)``: the simple one is what the preference data prefers.
