@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--experiment", default="llmstages")
     parser.add_argument("--out", default="mlflow_ui.png")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="browser binary (default: %(default)s)")
+    parser.add_argument("--width", type=int, default=1500, help="browser window width in pixels (default: %(default)s; "
+                        "wider shows more of the runs table's metric and param columns)")
     parser.add_argument("--run", help="also the page of the newest run whose name starts with this (e.g. rlhf)")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
@@ -57,7 +59,7 @@ def main() -> int:
     exp = experiment_id(args.url, args.experiment)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1500, "height": 800})
+        page = browser.new_page(viewport={"width": args.width, "height": 800})
         page.goto(f"{args.url}/#/experiments/{exp}/runs", wait_until="load", timeout=120_000)
         parents = page.locator("text=/^pipeline-/")
         try:
@@ -76,7 +78,7 @@ def main() -> int:
             run = newest_run(args.url, exp, args.run)
             stem = args.out.removesuffix(".png")
             for tab, suffix in (("", "run"), ("/model-metrics", "metrics")):
-                page.set_viewport_size({"width": 1500, "height": 1400})
+                page.set_viewport_size({"width": args.width, "height": 1400})
                 page.goto(f"{args.url}/#/experiments/{exp}/runs/{run}{tab}", wait_until="load", timeout=120_000)
                 page.wait_for_timeout(6000)
                 page.screenshot(path=f"{stem}-{suffix}.png")
