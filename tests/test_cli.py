@@ -302,6 +302,17 @@ def test_params_mode_refuses_overrides_and_says_where_they_go(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_refused_run_folder_says_why(tmp_path):
+    """A run that Hydra started and the stage refused (a bad value) exits 1 with one line naming the key, and
+    the run folder Hydra made keeps that line in its ``<stage>.log`` instead of an empty log."""
+    p = run(["sft", "trainer.max_steps=-1"], tmp_path, check=False)
+    assert p.returncode == 1
+    message = "llmstages sft: config (conf/ + command-line overrides): sft.trainer.max_steps: must be > 0, got -1"
+    assert p.stderr.strip().splitlines()[-1] == message
+    (log,) = (tmp_path / "outputs/runs/sft").glob("*/sft.log")
+    assert log.read_text().strip().endswith("[llmstages][ERROR] - " + message)
+
+
 def test_misspelled_override_is_named_before_hydra_runs(tmp_path):
     """A command-line ``key=value`` whose key is not in the stage's config stops with the key and the closest
     known one (Hydra's own message would suggest appending it with ``+``), before a run folder is made; a wrong

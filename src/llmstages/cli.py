@@ -276,6 +276,8 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
             except ConfigError as err:
                 sys.exit(f"llmstages {stage}: {err}")
         except SystemExit as err:
+            if isinstance(err.code, str):
+                _to_run_log(err.code)
             if not (sweep and isinstance(err.code, str)):
                 raise
             raise JobFailed(err.code) from None  # Hydra records this job as failed (the sweeper decides the rest)
@@ -303,6 +305,17 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
     sys.argv = [f"llmstages {stage}", *overrides]
     app()
     return 0
+
+
+def _to_run_log(message: str) -> None:
+    """Write ``message`` (why a run stopped) to the log files Hydra opened for it (``<run dir>/<stage>.log``), so
+    that a refused run's folder says why; the console gets it from the exit itself."""
+    import logging
+
+    record = logging.LogRecord("llmstages", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> Path:
