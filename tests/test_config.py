@@ -125,8 +125,13 @@ def test_misspelled_key_names_the_key():
                                                     "'TrainerSchema'; did you mean 'trainer.max_steps'?")):
         validate("pretrain", cfg)
     cfg = OmegaConf.to_container(compose("sft"))
-    cfg["lrr"] = 1  # top level, nothing close: no suggestion
-    with pytest.raises(ConfigError, match=r"key 'lrr': Key 'lrr' not in 'SFTSchema'$"):
+    cfg["lrr"] = 1  # top level: the closest setting anywhere in the schema
+    with pytest.raises(ConfigError, match=re.escape("key 'lrr': Key 'lrr' not in 'SFTSchema'; did you mean "
+                                                    "'optim.lr'?")):
+        validate("sft", cfg)
+    del cfg["lrr"]
+    cfg["zzzz"] = 1  # nothing close: no suggestion
+    with pytest.raises(ConfigError, match=r"key 'zzzz': Key 'zzzz' not in 'SFTSchema'$"):
         validate("sft", cfg)
 
 
@@ -284,11 +289,23 @@ def test_tiny_experiment_composes(tmp_path):
     assert yaml.safe_load((tmp_path / "q.yaml").read_text()) == p
 
 
-def test_unknown_override_checks_dotted_keys_against_the_schema():
+def test_unknown_override_checks_keys_against_the_schema():
     from llmstages.config import unknown_override
+
+    groups = {"model", "optim", "trainer", "logger", "rlhf_algorithm", "experiment"}  # folders of conf/
 
     assert unknown_override("rlhf", "ppo.kl_coeff=0.3") == ("no key 'ppo.kl_coeff' in the rlhf config; "
                                                              "did you mean 'ppo.kl_coef'?")
     for ok in ("ppo.kl_coef=0.3", "trainer.max_steps=1,2", "+trainer.foo=1", "~trainer.max_steps", "model=tiny",
                "hydra.run.dir=x", "nosuch.node.key=1"):
-        assert unknown_override("rlhf", ok) is None, ok
+        assert unknown_override("rlhf", ok, groups) is None, ok
+    # A key without a dot: the setting it names deeper in the schema, or the closest one; config groups pass.
+    assert unknown_override("pretrain", "lr=1e-3", groups) == ("no key 'lr' in the pretrain config; did you mean "
+                                                               "'optim.lr'?")
+    assert unknown_override("sft", "max_stepz=5", groups) == ("no key 'max_stepz' in the sft config; did you mean "
+                                                              "'trainer.max_steps'?")
+    assert unknown_override("data", "corpus=[a.txt]", groups) == ("no key 'corpus' in the data config; did you mean "
+                                                                  "'data.corpus'?")
+    assert unknown_override("sft", "foo=1", groups) == "no key 'foo' in the sft config"
+    for ok in ("model=tiny", "trainer=gpu", "algorithm=dpo", "out_dir=x", "hydra/launcher=basic", "experiment=tiny"):
+        assert unknown_override("rlhf", ok, groups) is None, ok

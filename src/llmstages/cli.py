@@ -299,8 +299,9 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
         return float(value)
 
     overrides = [experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv]
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}  # model=tiny, trainer=gpu, ...: Hydra's to check
     for override in overrides:  # before Hydra, whose own message would suggest adding the misspelt key with +
-        if msg := unknown_override(stage, override):
+        if msg := unknown_override(stage, override, groups):
             sys.exit(f"llmstages {stage}: command-line override {override!r}: {msg}")
     sys.argv = [f"llmstages {stage}", *overrides]
     app()

@@ -9,6 +9,7 @@ DVC composes ``params.yaml`` without importing this package, so ``conf/`` must c
 from __future__ import annotations
 
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Optional
 
@@ -305,20 +306,39 @@ def _unknown_key(stage: str, key: str) -> DictConfig | None:
 
 
 def _did_you_mean(stage: str, key: str) -> str:
-    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``."""
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``. A key without
+    a dot that names a setting deeper in the schema (``lr``, ``max_steps``) is answered with its full path."""
     node = _unknown_key(stage, key)
     parent, _, leaf = key.rpartition(".")
+    if node is not None and not parent:  # the shallowest path whose last part is (closest to) the key
+        paths = _leaf_paths(node)
+        match = closest(leaf, {p.rpartition(".")[2] for p in paths})
+        return next(f"; did you mean '{p}'?" for p in paths if p.rpartition(".")[2] == match) if match else ""
     match = closest(leaf, node.keys()) if node is not None else None
     return f"; did you mean '{parent + '.' if parent else ''}{match}'?" if match else ""
 
 
-def unknown_override(stage: str, override: str) -> str | None:
+def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted path of ``node``'s tree, breadth first (``optim`` before ``optim.lr``)."""
+    level, deeper = [], []
+    for k in node.keys():
+        path = f"{prefix}{k}"
+        level.append(path)
+        child = OmegaConf.select(node, str(k), default=None)
+        if isinstance(child, DictConfig):
+            deeper.append((child, path + "."))
+    return level + [p for child, pre in deeper for p in _leaf_paths(child, pre)]
+
+
+def unknown_override(stage: str, override: str, groups: Iterable[str] = ()) -> str | None:
     """The error for a command-line ``key=value`` whose key is not in ``stage``'s config (a misspelling Hydra would
     only answer with "append with +key"), e.g. ``"no key 'trainer.max_stepz' in the sft config; did you mean
-    'trainer.max_steps'?"``; None for a known key, a ``+``/``~`` override, a config group, or a key outside the
-    schema (Hydra's ``hydra.*``)."""
+    'trainer.max_steps'?"`` or ``"no key 'lr' in the sft config; did you mean 'optim.lr'?"``; None for a known key,
+    a ``+``/``~`` override, a config group (one of ``groups``, the folders of ``conf/``, or a ``group/sub`` path), or
+    a key outside the schema (Hydra's ``hydra.*``)."""
     key, sep, _ = override.partition("=")
-    if not sep or key[:1] in "+~" or "." not in key or key.startswith("hydra.") or _unknown_key(stage, key) is None:
+    if not sep or key[:1] in "+~" or "/" in key or key == "hydra" or key.startswith("hydra.") or key in groups \
+            or _unknown_key(stage, key) is None:
         return None
     return f"no key '{key}' in the {stage} config{_did_you_mean(stage, key)}"
 
