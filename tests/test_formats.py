@@ -457,6 +457,14 @@ def test_on_bad_row_skip_drops_and_counts_malformed_rows(tmp_path):
         load_preferences(path.with_name("many.jsonl"), "hh")
     rows, report = load_preferences(path, "hh", skip_bad=True)
     assert [r["chosen"] for r in rows] == ["4.", "6."]
+    alpaca = tmp_path / "alpaca.jsonl"  # the wrong format forced: one short error, not one per row
+    alpaca.write_text("".join(json.dumps({"instruction": f"Add {i} and 1.", "output": str(i + 1)}) + "\n"
+                              for i in range(300)))
+    with pytest.raises(ValueError) as err:
+        load_sft(alpaca, "messages")
+    assert str(err.value) == (f"{alpaca}: none of its 300 rows fits the 'messages' format (format auto detects the "
+                              f"format from the first row); the first: {alpaca}:1: missing field 'messages' "
+                              f"(required ['messages'], found ['instruction', 'output'])")
     assert (report.read, report.kept, report.dropped) == (5, 2, {"malformed": 3})
 
 
@@ -472,5 +480,9 @@ def test_instances_rows_give_one_example_per_instance(tmp_path):
                     {"messages": [u("Add the numbers."), a("0")], "task": "user"},
                     {"messages": [u("Say hi."), a("hi")], "task": "greet"}]
     bad = jsonl(tmp_path, [{"instruction": "Add.", "instances": [{"input": "1"}]}], name="bad.jsonl")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: instances\[0\]: 'output' must be a string, got NoneType"):
+    with pytest.raises(ValueError, match=re.escape("bad.jsonl:1: instances[0]: 'output' must be a string, it is "
+                                                   "missing")):
+        load_sft(bad)
+    bad = jsonl(tmp_path, [{"instruction": "Add.", "instances": [{"input": "1", "output": None}]}], name="bad.jsonl")
+    with pytest.raises(ValueError, match=re.escape("bad.jsonl:1: instances[0]: 'output' must be a string, got null")):
         load_sft(bad)

@@ -185,7 +185,8 @@ def export_cmd(argv: list[str]) -> int:
         epilog="example: llmstages export outputs/rlhf exported/rlhf  then in Python: "
                "AutoModelForCausalLM.from_pretrained('exported/rlhf')")
     parser.add_argument("output", help="a stage output folder, e.g. outputs/sft, outputs/rlhf, outputs/reward")
-    parser.add_argument("folder", help="the folder to write (created; files of the same names are replaced)")
+    parser.add_argument("folder", help="the folder to write: new, empty, or an earlier export (its files are "
+                        "replaced); a folder holding other files is refused")
     args = parser.parse_args(argv)
     if Path(args.folder).resolve() == Path(args.output).resolve():
         sys.exit("llmstages export: the folder to write must differ from the stage output")

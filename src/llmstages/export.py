@@ -33,6 +33,7 @@ add_generation_prompt=True)`` gives the ids :meth:`~llmstages.tokenizer.ChatToke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -175,6 +176,10 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
         hf.save_pretrained(folder, safe_serialization=True)
     finally:
         hf_logging.enable_progress_bar()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.glob("*.safetensors"):  # transformers writes the weights through a private (0600) file
+        f.chmod(0o666 & ~umask)
     tok.save(folder)
     shutil.rmtree(folder / "adapter", ignore_errors=True)  # an earlier export's adapter is not this model's
     if (output / "adapter").is_dir() and not reward:

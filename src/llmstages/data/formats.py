@@ -149,6 +149,7 @@ def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_
         raise ValueError(f"{path}: unknown {kind} format {fmt!r} (choose from {['auto', *table]})")
     cols = dict(columns or {})
     _check_columns(path, fmt, cols, table)
+    forced = fmt != "auto"
     rows, dropped, read, errors = [], Counter(), 0, []
     for where, row in iter_rows(path, skip_bad=True):  # past a broken line: to count (skip) or list (error) all
         try:
@@ -180,6 +181,11 @@ def _load(kind, path, fmt, columns, system_prompt, table, detect, convert, skip_
         n = dropped["malformed"]
         if n == 1:
             raise errors[0]
+        if n == read:  # not one row fits: the wrong format (or column mapping), not a few bad rows
+            hint = ("format auto detects the format from the first row" if forced
+                    else "check the columns mapping")
+            raise ValueError(f"{path}: none of its {read} rows fits the {fmt!r} format ({hint}); the first: "
+                             f"{errors[0]}") from (errors[0].__cause__ or errors[0])
         more = "; ".join(str(e) for e in errors[1:]) + (", ..." if n > len(errors) else "")
         raise ValueError(f"{errors[0]} [{n} malformed rows of {read}; also {more}]") from (errors[0].__cause__
                                                                                           or errors[0])
@@ -296,7 +302,8 @@ def _string(where, row, key, optional=False):
     if optional and value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+        got = "it is missing" if key not in row else "got null" if value is None else f"got {type(value).__name__}"
+        raise ValueError(f"{where}: {key!r} must be a string, {got}")
     return value
 
 
