@@ -221,7 +221,7 @@ def test_bad_model_shape_is_a_one_line_value_error(field, value, message):
                                           ("dpo.label_smoothing=1.5", "dpo.label_smoothing"),
                                           ("dpo.pairs=mined", "dpo.pairs"), ("dpo.samples_per_prompt=1", "dpo.samples_per_prompt"),
                                           ("dpo.minibatch_size=5", "dpo.minibatch_size"), ("dpo.reward=length", "dpo.reward"),
-                                          ("dpo.epochs=0", "dpo.epochs"),
+                                          ("dpo.epochs=0", "dpo.epochs"), ("dpo.lr=0", "dpo.lr"),
                                           ("eval_max_new_tokens=0", "eval_max_new_tokens"),
                                           ("trainer.max_steps=10", "trainer.max_steps"),
                                           ("trainer.precision=fp8", "trainer.precision"),
@@ -251,6 +251,11 @@ def test_each_algorithm_has_its_own_group_with_paper_defaults():
     assert cfg.algorithm == "ppo" and cfg.ppo.reward == "verifiable_or_model" == cfg.grpo.reward
     assert cfg.grpo.kl_coef == 0.2 and cfg.ppo.kl_coef == 0.3
     assert cfg.dpo.pairs == "online" and cfg.dpo.reward == "verifiable_or_model" and cfg.dpo.beta == 2.0
+    # optim.lr is the running algorithm's own lr unless set: one key to sweep, and no stale lr for another algorithm
+    assert cfg.optim.lr == cfg.ppo.lr == cfg.grpo.lr == 6e-5 and cfg.dpo.lr < cfg.ppo.lr
+    assert validate("rlhf", compose("rlhf", ["algorithm=dpo"])).optim.lr == cfg.dpo.lr
+    assert validate("rlhf", compose("rlhf", ["algorithm=dpo", "dpo.lr=2e-5"])).optim.lr == 2e-5
+    assert validate("rlhf", compose("rlhf", ["algorithm=dpo", "optim.lr=1e-4"])).optim.lr == 1e-4
     with pytest.raises(ConfigError, match="4 per dpo iteration"):  # online DPO counts optimizer steps too
         validate("rlhf", compose("rlhf", ["algorithm=dpo", "trainer.max_steps=10"]))
     assert validate("rlhf", compose("rlhf", ["algorithm=grpo"])).algorithm == "grpo"

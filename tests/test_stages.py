@@ -69,6 +69,11 @@ def test_reward_and_rlhf_metrics(tiny_run):
     for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic"):
         assert np.isfinite(rm[key])
     assert rm["steps"] == 8
+    # KL to SFT: the mean over held-out prompts, each task's mean, and the mean of those
+    per_task = {k: v for k, v in rm.items() if k.startswith("rlhf_kl_to_ref_") and not k.endswith("task_balanced")}
+    assert len(per_task) >= 2 and all(v >= 0 for v in per_task.values())
+    assert rm["rlhf_kl_to_ref_task_balanced"] == pytest.approx(sum(per_task.values()) / len(per_task), abs=1e-5)
+    assert min(per_task.values()) - 1e-6 <= rm["rlhf_kl_to_ref"] <= max(per_task.values()) + 1e-6
     assert (tiny_run[0] / "outputs/rlhf/samples.md").read_text().startswith("| prompt |")
 
 

@@ -331,11 +331,11 @@ def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> 
 
     with initialize_config_dir(str(conf_dir()), version_base=None):
         cfg = compose(config_name="config", overrides=overrides)
-    OmegaConf.resolve(cfg)
     from .config import validate
 
-    for stage in STAGES:  # refuse to write a params file that a stage would reject
-        validate(stage, cfg[stage], source="composed params")
+    for stage in STAGES:  # refuse to write a params file that a stage would reject (before resolving: an unknown
+        validate(stage, cfg[stage], source="composed params")  # rlhf.algorithm is named, not its ${...} lr)
+    OmegaConf.resolve(cfg)
     Path(output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     return Path(output)
 

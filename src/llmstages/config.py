@@ -201,8 +201,10 @@ class RewardSchema(FineTuneSchema):
 
 @dataclass
 class RolloutSchema:
-    """What PPO, GRPO and online DPO share: how responses are sampled and rewarded."""
+    """What PPO, GRPO and online DPO share: how responses are sampled and rewarded, and the learning rate that
+    ``optim.lr`` takes by default when this algorithm runs (``conf/stage/rlhf.yaml``)."""
 
+    lr: float = MISSING
     minibatch_size: int = MISSING
     max_new_tokens: int = MISSING
     temperature: float = MISSING
@@ -362,6 +364,9 @@ def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_he
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends full_key/object_type lines
         raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}{_did_you_mean(stage, key)}") from err
+    if stage == "rlhf" and merged.algorithm not in ALGORITHMS:  # first: optim.lr is ${..<algorithm>.lr}
+        raise ConfigError(f"{source}: rlhf.algorithm: unknown algorithm {merged.algorithm!r}; expected one of "
+                          f"{', '.join(ALGORITHMS)}")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:  # the schemas hold no defaults: conf/ gives every value (params.yaml from an older conf/ may not)
         raise ConfigError(f"{source}: {stage} config has no value for {', '.join(missing)} (every key comes from "
@@ -407,9 +412,9 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             bad("eval_limit", f"must be >= 0 (0 = every held-out question and pair), got {cfg.eval_limit}")
     if stage == "rlhf":
         own = {"ppo": "rollout_batch_size ppo_epochs", "grpo": "prompts_per_step epochs",
-               "dpo": "batch_size max_len prompts_per_step epochs"}  # + the sampling keys they share
+               "dpo": "batch_size max_len prompts_per_step epochs"}  # + the sampling keys and lr they share
         for key in [f"{a}.{k}" for a, keys in own.items() for k in f"{keys} minibatch_size max_new_tokens temperature "
-                    "top_p".split()] + ["eval_max_new_tokens"]:
+                    "top_p lr".split()] + ["eval_max_new_tokens"]:
             if OmegaConf.select(cfg, key) <= 0:
                 bad(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
         for key in ("ppo.kl_coef", "grpo.kl_coef", "eval_limit", "ppo.top_k", "grpo.top_k", "dpo.top_k",
@@ -420,8 +425,6 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
         if not 0 <= cfg.dpo.label_smoothing < 0.5:
             bad("dpo.label_smoothing", f"must be in [0, 0.5), got {cfg.dpo.label_smoothing}")
-        if cfg.algorithm not in ALGORITHMS:
-            bad("algorithm", f"unknown algorithm {cfg.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
         for algo in ("ppo", "grpo", "dpo"):
             if cfg[algo].reward not in REWARDS:
                 bad(f"{algo}.reward", f"expected one of {', '.join(REWARDS)}, got {cfg[algo].reward!r}")

@@ -35,16 +35,17 @@ log = logging.getLogger("llmstages")
 
 
 @torch.no_grad()
-def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int, seed: int = 0) -> float:
-    """Mean KL(policy || reference) per response, in nats: the k3 estimate (unbiased, never negative) summed over
-    the tokens of one response sampled from ``policy`` (temperature 1, a generator seeded with ``seed``) per
-    prompt, averaged over prompts."""
+def sequence_kl(policy: GPT, reference: GPT, tok, prompts: list[str], max_new_tokens: int, seed: int = 0
+                ) -> torch.Tensor:
+    """KL(policy || reference) of each prompt's response ``(n,)``, in nats: the k3 estimate (unbiased, never
+    negative) summed over the tokens of one response sampled from ``policy`` (temperature 1, a generator seeded
+    with ``seed``)."""
     generator = torch.Generator(next(policy.parameters()).device).manual_seed(seed)
     r = sample(policy, [tok.encode_prompt(p) for p in prompts], max_new_tokens, tok.eos_id, tok.pad_id,
                generator=generator)
     logp, _ = response_logprobs(policy, r)
     ref_logp, _ = response_logprobs(reference, r)
-    return float((kl_estimate(logp, ref_logp, "k3") * r.mask).sum(1).mean())
+    return (kl_estimate(logp, ref_logp, "k3") * r.mask).sum(1).cpu()
 
 
 def heldout_eval(model: GPT, reward_model: GPT, reward_head: ScalarHead, tok, rows: list[dict],
@@ -109,11 +110,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         return {}  # another DDP process: rank 0 evaluates and writes the output
     rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new, pairs, pair_tasks)
     wins = win_rate(rl_scores, sft_scores, [r["task"] for r in rows])
-    prompts = [r["prompt"] for r in rows]
+    prompts, tasks = [r["prompt"] for r in rows], [r["task"] for r in rows]
+    kl = sequence_kl(policy, reference, tok, prompts, max_new, cfg.trainer.seed)
+    kl_by_task = task_balanced("rlhf_kl_to_ref", kl, tasks)  # each task's mean, and the mean of those
     metrics = {**{f"rlhf_{k}": v for k, v in rl_m.items()}, **{f"sft_{k}": v for k, v in sft_m.items()},
                **{k.replace("_rate", "_rate_vs_sft", 1): v for k, v in wins.items()},
-               "rlhf_kl_to_ref": sequence_kl(policy, reference, tok, prompts, max_new, cfg.trainer.seed),
-               "sft_kl_to_ref": 0.0,
+               **kl_by_task, "rlhf_kl_to_ref_task_balanced": kl_by_task["rlhf_kl_to_ref"],
+               "rlhf_kl_to_ref": float(kl.mean()), "sft_kl_to_ref": 0.0,  # over the held-out prompts, as training logs
                "algorithm": cfg.algorithm, "steps": trainer.global_step, "resumed_from_step": resumed,
                **parameter_counts(policy),
                **extra, **{f"time_{k}_s": round(v, 1) for k, v in module.timer.seconds.items()}}
