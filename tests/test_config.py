@@ -249,7 +249,7 @@ def test_each_algorithm_has_its_own_group_with_paper_defaults():
     assert p.clip_range == 0.2 and p.lam == 0.95 and p.gamma == 1.0 and p.reward == "model"  # Huang et al. 2024
     cfg = validate("rlhf", compose("rlhf"))  # the pipeline's own choices for this task sit on top
     assert cfg.algorithm == "ppo" and cfg.ppo.reward == "verifiable_or_model" == cfg.grpo.reward
-    assert cfg.grpo.kl_coef == 0.2 and cfg.ppo.kl_coef == 0.3
+    assert cfg.grpo.kl_coef == 0.15 and cfg.ppo.kl_coef == 0.3
     assert cfg.dpo.pairs == "online" and cfg.dpo.reward == "verifiable_or_model" and cfg.dpo.beta == 2.0
     # optim.lr is the running algorithm's own lr unless set: one key to sweep, and no stale lr for another algorithm
     assert cfg.optim.lr == cfg.ppo.lr == cfg.grpo.lr == 6e-5 and cfg.dpo.lr < cfg.ppo.lr
