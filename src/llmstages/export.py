@@ -178,7 +178,7 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
         hf_logging.enable_progress_bar()
     umask = os.umask(0)
     os.umask(umask)
-    for f in folder.glob("*.safetensors"):  # transformers writes the weights through a private (0600) file
+    for f in folder.glob("*.safetensors"):  # safetensors' save_file writes 0600
         f.chmod(0o666 & ~umask)
     tok.save(folder)
     shutil.rmtree(folder / "adapter", ignore_errors=True)  # an earlier export's adapter is not this model's

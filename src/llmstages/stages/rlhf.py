@@ -109,8 +109,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 evaluates and writes the output
     rl_m, rl_scores, rl_texts = heldout_eval(policy, reward_model, reward_head, tok, rows, max_new, pairs, pair_tasks)
-    wins = win_rate(rl_scores, sft_scores, [r["task"] for r in rows])
     prompts, tasks = [r["prompt"] for r in rows], [r["task"] for r in rows]
+    wins = win_rate(rl_scores, sft_scores, tasks)
     kl = sequence_kl(policy, reference, tok, prompts, max_new, cfg.trainer.seed)
     kl_by_task = task_balanced("rlhf_kl_to_ref", kl, tasks)  # each task's mean, and the mean of those
     metrics = {**{f"rlhf_{k}": v for k, v in rl_m.items()}, **{f"sft_{k}": v for k, v in sft_m.items()},
