@@ -256,6 +256,13 @@ def test_each_algorithm_has_its_own_group_with_paper_defaults():
     assert validate("rlhf", compose("rlhf", ["algorithm=dpo"])).optim.lr == cfg.dpo.lr
     assert validate("rlhf", compose("rlhf", ["algorithm=dpo", "dpo.lr=2e-5"])).optim.lr == 2e-5
     assert validate("rlhf", compose("rlhf", ["algorithm=dpo", "optim.lr=1e-4"])).optim.lr == 1e-4
+    with pytest.raises(ConfigError, match=r"rlhf\.dpo\.lr: must be > 0, got 0\.0 \(optim\.lr takes it\)"):
+        validate("rlhf", compose("rlhf", ["algorithm=dpo", "dpo.lr=0"]))  # the key the user set, not optim.lr
+    # DVC resolves params.yaml itself: an unknown algorithm must resolve (optim.lr null) and be named by the stage
+    resolved = OmegaConf.to_container(compose("rlhf", ["algorithm=reinforce"]), resolve=True)
+    assert resolved["optim"]["lr"] is None
+    with pytest.raises(ConfigError, match=r"rlhf\.algorithm: unknown algorithm 'reinforce'; expected one of ppo, dpo"):
+        validate("rlhf", resolved)
     with pytest.raises(ConfigError, match="4 per dpo iteration"):  # online DPO counts optimizer steps too
         validate("rlhf", compose("rlhf", ["algorithm=dpo", "trainer.max_steps=10"]))
     assert validate("rlhf", compose("rlhf", ["algorithm=grpo"])).algorithm == "grpo"
@@ -302,8 +309,16 @@ def test_unknown_override_checks_keys_against_the_schema():
     assert unknown_override("rlhf", "ppo.kl_coeff=0.3") == ("no key 'ppo.kl_coeff' in the rlhf config; "
                                                              "did you mean 'ppo.kl_coef'?")
     for ok in ("ppo.kl_coef=0.3", "trainer.max_steps=1,2", "+trainer.foo=1", "~trainer.max_steps", "model=tiny",
-               "hydra.run.dir=x", "nosuch.node.key=1"):
+               "hydra.run.dir=x"):
         assert unknown_override("rlhf", ok, groups) is None, ok
+    # an unknown first part: named, with a suggestion only where the rest of the key fits under it
+    assert unknown_override("rlhf", "nosuch.node.key=1") == "no key 'nosuch.node.key' in the rlhf config"
+    assert unknown_override("pretrain", "lora.r=4") == "no key 'lora.r' in the pretrain config"  # not 'optim.lr.r'
+    assert unknown_override("pretrain", "trainr.max_steps=1") == ("no key 'trainr.max_steps' in the pretrain config; "
+                                                                  "did you mean 'trainer.max_steps'?")
+    # `llmstages params data.sft.path=...`: the data section's key is data.sft.path, in params.yaml data.data.sft.path
+    assert unknown_override("data", "sft.path=x.jsonl", prefix="data.") == (
+        "no key 'data.sft.path' in the data config; did you mean 'data.data.sft.path'?")
     # A key without a dot: the setting it names deeper in the schema, or the closest one; config groups pass.
     assert unknown_override("pretrain", "lr=1e-3", groups) == ("no key 'lr' in the pretrain config; did you mean "
                                                                "'optim.lr'?")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from llmstages.data.datasets import ShuffledPasses, SFTDataset, collate_pairs, collate_sft, task_weights
+from llmstages.data.datasets import (ShuffledPasses, SFTDataset, collate_pairs, collate_sft, heldout_loader,
+                                     task_weights)
 from llmstages.data.tasks import arithmetic_qa
 from llmstages.evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, pair_logprobs,
                                   preference_accuracy, task_balanced, wilson_interval, win_rate)
@@ -144,6 +145,17 @@ def test_task_weighted_passes_draw_each_task_equally_often():
     assert [tasks[i] for pair in zip(*halves) for i in pair] == drawn  # two processes read the one stream
     with pytest.raises(ValueError, match="non-negative"):
         ShuffledPasses(3, 3, 0, weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_heldout_loader_puts_every_task_in_the_first_batches():
+    # the held-out files are grouped by task: the validations during training read only limit_val_batches batches
+    tasks = ["arithmetic"] * 90 + ["docstring"] * 5 + ["explain"] * 5
+    batches = list(heldout_loader(tasks, batch_size=16))
+    assert {t for t in batches[0] + batches[1]} == {"arithmetic", "docstring", "explain"}  # 2 of 7 batches
+    assert sorted(t for b in batches for t in b) == sorted(tasks)  # a whole validation: every item once
+    torch.manual_seed(1)
+    assert list(heldout_loader(tasks, batch_size=16)) == batches  # one fixed order, whatever the global RNG
+    assert [len(b) for b in batches] == [16] * 6 + [4]
 
 
 def test_sft_raises_exact_match_on_a_toy_arithmetic_set(tmp_path):

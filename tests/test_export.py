@@ -66,9 +66,9 @@ def test_exported_causal_lm_loads_in_transformers_with_our_logits_tokens_and_cha
     meta = json.loads((tmp_path / "hf/llmstages.json").read_text())
     assert meta["stage"] == stage
     umask = os.umask(0)
-    os.umask(umask)  # the weights are as readable as every other file written there (transformers makes them 0600)
-    files = [f for f in (tmp_path / "hf").iterdir() if f.is_file()]
-    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+    os.umask(umask)  # the weights are as readable as every other file (safetensors' save_file makes them 0600)
+    files = [f for d in (tmp_path / "hf", work / "outputs" / stage) for f in d.iterdir() if f.is_file()]
+    assert {str(f): oct(f.stat().st_mode & 0o777) for f in files} == {str(f): oct(0o666 & ~umask) for f in files}
 
 
 def test_exported_reward_model_scores_as_ours(tiny_run, tmp_path):

@@ -3,6 +3,8 @@ head where the stage has one); the saved output is the base model with the adapt
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -106,5 +108,10 @@ def test_exported_adapter_loads_in_peft_on_the_exported_base_model(tiny_run, tmp
     with torch.no_grad():
         got, want, before = peft_model(x).logits, merged(x).logits, base(x).logits
     assert (got - want).abs().max() < 1e-4 and (want - before).abs().max() > 1e-3  # it trained, and it matches
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors' save_file makes 0600 files: every weights file is as readable as the rest
+    weights = [tmp_path / "sft/model.safetensors", tmp_path / "sft/adapter/adapter_model.safetensors",
+               tmp_path / "hf-sft/model.safetensors", tmp_path / "hf-sft/adapter/adapter_model.safetensors"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in weights} == {f.name: oct(0o666 & ~umask) for f in weights}
     export_hf(base_dir, tmp_path / "hf-sft")  # the same folder again, from an output without LoRA
     assert not (tmp_path / "hf-sft/adapter").exists()  # no adapter left that is not this model's

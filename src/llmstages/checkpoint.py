@@ -28,6 +28,20 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def readable_by_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open()`` would (``0o666`` less the umask): safetensors' ``save_file``
+    (also under transformers' ``save_pretrained``) creates its files ``0o600``, private to their writer."""
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(path).chmod(0o666 & ~umask)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the file readable as any other output (:func:`readable_by_umask`)."""
+    save_file(tensors, str(path), metadata=metadata)
+    readable_by_umask(path)
+
+
 def read_json(file: str | Path) -> dict:
     """A JSON object from ``file``.
 
@@ -59,7 +73,7 @@ def save_output(out_dir: str | Path, model: GPT, tokenizer: ChatTokenizer, meta:
         tensors.pop("lm_head.weight", None)  # shared with embed.weight
     if head is not None:
         tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    save_file(tensors, str(out / WEIGHTS))
+    save_safetensors(tensors, out / WEIGHTS)
     write_json(out / CONFIG, model.cfg.to_dict())
     tokenizer.save(out)
     write_json(out / META, meta)

@@ -333,8 +333,8 @@ def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> 
         cfg = compose(config_name="config", overrides=overrides)
     from .config import validate
 
-    for stage in STAGES:  # refuse to write a params file that a stage would reject (before resolving: an unknown
-        validate(stage, cfg[stage], source="composed params")  # rlhf.algorithm is named, not its ${...} lr)
+    for stage in STAGES:  # refuse to write a params file that a stage would reject
+        validate(stage, cfg[stage], source="composed params")
     OmegaConf.resolve(cfg)
     Path(output).write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
     return Path(output)
@@ -347,10 +347,15 @@ def _params_cmd(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
 
-    from .config import ConfigError
+    from .config import ConfigError, unknown_override
 
     # experiment=NAME as for a single stage; the pipeline config has no default experiment, so Hydra needs "+"
     overrides = [f"+{o}" if o.partition("=")[0] == "experiment" else o for o in args.overrides]
+    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    for o in overrides:  # a stage section's key: named with its suggestion, where Hydra would suggest "+key"
+        section, _, rest = o.partition(".")
+        if section in STAGES and (msg := unknown_override(section, rest, groups, prefix=f"{section}.")):
+            sys.exit(f"llmstages params: override {o!r}: {msg}")
     try:
         print(compose_params(overrides, args.output))
     except (HydraException, ConfigError) as err:

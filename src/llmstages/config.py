@@ -297,27 +297,44 @@ def closest(name: str, known, cutoff: float = 0.6) -> str | None:
     return match[0] if match else None
 
 
-def _unknown_key(stage: str, key: str) -> DictConfig | None:
-    """The schema node of ``stage`` that would hold dotted ``key`` when its last part is not one of the node's
-    keys, else None (a known key, or a parent outside the schema)."""
-    parent, _, leaf = key.rpartition(".")
-    schema = OmegaConf.structured(SCHEMAS[stage])
-    node = OmegaConf.select(schema, parent, default=None) if parent else schema
-    # `leaf in node` would be False for a known key without a value (the schemas hold none)
-    return node if isinstance(node, DictConfig) and leaf not in node.keys() else None
+def _unknown_key(stage: str, key: str) -> tuple[DictConfig, str, str, str] | None:
+    """Where dotted ``key`` leaves ``stage``'s schema: ``(node, known, part, rest)`` for the first part of the key
+    that ``node`` (the schema node at the ``known`` path, "" for the root) lacks, with ``rest`` the parts after it;
+    None for a known key, or one under a value that is not a schema node."""
+    node: object = OmegaConf.structured(SCHEMAS[stage])
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return None
+        if part not in node.keys():  # `part in node` would be False for a known key without a value
+            return node, ".".join(parts[:i]), part, ".".join(parts[i + 1:])
+        node = OmegaConf.select(node, part, default=None)
+    return None
 
 
-def _did_you_mean(stage: str, key: str) -> str:
-    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``. A key without
-    a dot that names a setting deeper in the schema (``lr``, ``max_steps``) is answered with its full path."""
-    node = _unknown_key(stage, key)
-    parent, _, leaf = key.rpartition(".")
-    if node is not None and not parent:  # the shallowest path whose last part is (closest to) the key
-        paths = _leaf_paths(node)
-        match = closest(leaf, {p.rpartition(".")[2] for p in paths})
-        return next(f"; did you mean '{p}'?" for p in paths if p.rpartition(".")[2] == match) if match else ""
-    match = closest(leaf, node.keys()) if node is not None else None
-    return f"; did you mean '{parent + '.' if parent else ''}{match}'?" if match else ""
+def _did_you_mean(stage: str, key: str, prefix: str = "") -> str:
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``. A key whose
+    first part names a setting deeper in the schema (``lr``, ``sft.path``) is answered with its full path."""
+    found = _unknown_key(stage, key)
+    if found is None:
+        return ""
+    node, known, part, rest = found
+    tail = f".{rest}" if rest else ""
+    # candidates for the unknown part: at its place, or (at the root) anywhere deeper; the rest must fit under one
+    paths = [p for p in (_leaf_paths(node) if not known else [str(k) for k in node.keys()])
+             if not rest or _has(OmegaConf.select(node, p, default=None), rest)]
+    match = closest(part, {p.rpartition(".")[2] for p in paths})
+    path = next((p for p in paths if p.rpartition(".")[2] == match), None)  # the shallowest
+    return f"; did you mean '{prefix}{known + '.' if known else ''}{path}{tail}'?" if path else ""
+
+
+def _has(node: object, key: str) -> bool:
+    """Whether schema ``node`` has dotted ``key`` (with or without a value)."""
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node.keys():
+            return False
+        node = OmegaConf.select(node, part, default=None)
+    return True
 
 
 def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
@@ -332,17 +349,18 @@ def _leaf_paths(node: DictConfig, prefix: str = "") -> list[str]:
     return level + [p for child, pre in deeper for p in _leaf_paths(child, pre)]
 
 
-def unknown_override(stage: str, override: str, groups: Iterable[str] = ()) -> str | None:
+def unknown_override(stage: str, override: str, groups: Iterable[str] = (), prefix: str = "") -> str | None:
     """The error for a command-line ``key=value`` whose key is not in ``stage``'s config (a misspelling Hydra would
     only answer with "append with +key"), e.g. ``"no key 'trainer.max_stepz' in the sft config; did you mean
     'trainer.max_steps'?"`` or ``"no key 'lr' in the sft config; did you mean 'optim.lr'?"``; None for a known key,
     a ``+``/``~`` override, a config group (one of ``groups``, the folders of ``conf/``, or a ``group/sub`` path), or
-    a key outside the schema (Hydra's ``hydra.*``)."""
+    a key outside the schema (Hydra's ``hydra.*``). ``prefix`` goes before the keys named (``"data."`` for an
+    override of params.yaml's ``data`` section)."""
     key, sep, _ = override.partition("=")
     if not sep or key[:1] in "+~" or "/" in key or key == "hydra" or key.startswith("hydra.") or key in groups \
             or _unknown_key(stage, key) is None:
         return None
-    return f"no key '{key}' in the {stage} config{_did_you_mean(stage, key)}"
+    return f"no key '{prefix}{key}' in the {stage} config{_did_you_mean(stage, key, prefix)}"
 
 
 def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_here: bool = False) -> DictConfig:
@@ -358,15 +376,15 @@ def validate(stage: str, cfg: DictConfig | dict, source: str = "config", runs_he
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    if stage == "rlhf" and cfg.get("algorithm") not in (*ALGORITHMS, None, "???"):  # before optim.lr (null for it)
+        raise ConfigError(f"{source}: rlhf.algorithm: unknown algorithm {cfg.get('algorithm')!r}; expected one of "
+                          f"{', '.join(ALGORITHMS)}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(SCHEMAS[stage]), cfg)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         msg = str(getattr(err, "msg", err)).strip().splitlines()[0]  # OmegaConf appends full_key/object_type lines
         raise ConfigError(f"{source}: invalid {stage} config at key '{key}': {msg}{_did_you_mean(stage, key)}") from err
-    if stage == "rlhf" and merged.algorithm not in ALGORITHMS:  # first: optim.lr is ${..<algorithm>.lr}
-        raise ConfigError(f"{source}: rlhf.algorithm: unknown algorithm {merged.algorithm!r}; expected one of "
-                          f"{', '.join(ALGORITHMS)}")
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:  # the schemas hold no defaults: conf/ gives every value (params.yaml from an older conf/ may not)
         raise ConfigError(f"{source}: {stage} config has no value for {', '.join(missing)} (every key comes from "
@@ -380,8 +398,10 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
     def bad(key: str, msg: str) -> None:
         raise ConfigError(f"{source}: {stage}.{key}: {msg}")
 
-    if "optim" in cfg and cfg.optim.lr <= 0:
-        bad("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    if "optim" in cfg and cfg.optim.lr <= 0:  # rlhf: name <algorithm>.lr when optim.lr took its value from there
+        own = stage == "rlhf" and cfg[cfg.algorithm].lr == cfg.optim.lr
+        bad(f"{cfg.algorithm}.lr" if own else "optim.lr", f"must be > 0, got {cfg.optim.lr}"
+            + (" (optim.lr takes it)" if own else ""))
     if "optim" in cfg and cfg.optim.warmup_steps < 0:
         bad("optim.warmup_steps", f"must be >= 0, got {cfg.optim.warmup_steps}")
     if "optim" in cfg and not 0 <= cfg.optim.min_lr_ratio <= 1:

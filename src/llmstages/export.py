@@ -33,13 +33,12 @@ add_generation_prompt=True)`` gives the ids :meth:`~llmstages.tokenizer.ChatToke
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_output, read_json, write_json
+from .checkpoint import load_output, read_json, readable_by_umask, save_safetensors, write_json
 from .model import GPT, GPTConfig, ScalarHead
 from .tokenizer import ChatTokenizer, load_tokenizer
 
@@ -176,10 +175,8 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
         hf.save_pretrained(folder, safe_serialization=True)
     finally:
         hf_logging.enable_progress_bar()
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in folder.glob("*.safetensors"):  # safetensors' save_file writes 0600
-        f.chmod(0o666 & ~umask)
+    for f in folder.glob("*.safetensors"):
+        readable_by_umask(f)
     tok.save(folder)
     shutil.rmtree(folder / "adapter", ignore_errors=True)  # an earlier export's adapter is not this model's
     if (output / "adapter").is_dir() and not reward:
@@ -201,7 +198,7 @@ def export_adapter(adapter: Path, folder: Path) -> Path:
     Raises:
         ValueError: a tensor of the adapter that is not a LoRA ``A``/``B`` of a known layer.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
     for key, w in load_file(str(adapter / "adapter_model.safetensors")).items():
@@ -219,7 +216,7 @@ def export_adapter(adapter: Path, folder: Path) -> Path:
                                          if any(f".{n}.lora_" in k for k in out)}),
                   task_type="CAUSAL_LM", base_model_name_or_path=None, inference_mode=True)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(out, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     write_json(folder / "adapter_config.json", config)
     return folder
 

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+
+from .checkpoint import save_safetensors
 
 TARGETS = ("qkv", "proj", "gate_up", "down")
 
@@ -143,7 +144,7 @@ def save_adapter(model: nn.Module, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n.replace(".default.", "."): p.detach().cpu().contiguous()  # peft's saved names: no adapter name
                for n, p in model.state_dict().items() if "lora_" in n}
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    save_safetensors(tensors, folder / "adapter_model.safetensors")
     model.lora_config.save_pretrained(str(folder))
     return folder
 

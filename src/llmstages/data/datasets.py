@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .jsonio import read_jsonl  # noqa: F401  (re-exported for the stages)
@@ -372,6 +372,15 @@ def shuffled_loader(dataset: Dataset, steps: int, seed: int, world_size: int = 1
     ``num_workers``)."""
     sampler = ShuffledPasses(len(dataset), steps * batch_size, seed, world_size, rank, weights)
     return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+
+
+def heldout_loader(dataset: Dataset, **kwargs) -> DataLoader:
+    """The held-out batches in one fixed random order (the same for every run and seed): the held-out files are
+    grouped by task, so the first ``trainer.limit_val_batches`` batches of a validation during training would
+    otherwise score the first task only. A validation over every batch sees every item once, as in file order.
+    ``kwargs`` go to the loader (``batch_size``, ``collate_fn``, ``num_workers``)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    return DataLoader(dataset, sampler=order, **kwargs)
 
 
 def task_weights(tasks: list[str]) -> torch.Tensor:

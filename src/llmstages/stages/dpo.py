@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DPOSchema, updates_per_iteration
-from ..data.datasets import PreferenceDataset, collate_pairs
+from ..data.datasets import PreferenceDataset, collate_pairs, heldout_loader
 from ..data.formats import read_canonical
 from ..evaluation import pair_logprobs
 from ..losses import best_worst_pairs, dpo_loss
@@ -168,11 +168,11 @@ def build(s: DPOSchema, x: RLInputs) -> RLRun:
         module = OnlineDPOModule(x.policy, x.reference, x.reward(s), x.optim, s, x.grad_clip, x.reward_modules(s),
                                  eos_id=x.tok.eos_id, pad_id=x.tok.pad_id, seed=x.seed)
         train = x.prompts(s, s.prompts_per_step, "dpo", updates_per_iteration("dpo", s))
-    val = DataLoader(pairs["val"], **kw)
+    val = heldout_loader(pairs["val"], **kw)  # during training: a sample of every task
 
     def final_metrics(trainer) -> dict:  # over all held-out pairs, not the limit_val_batches of training
         trainer.limit_val_batches = 1.0
-        m = trainer.validate(module, val, verbose=False)[0]
+        m = trainer.validate(module, DataLoader(pairs["val"], **kw), verbose=False)[0]
         return {"dpo_val_accuracy": m["val/reward_accuracy"], "dpo_val_reward_margin": m["val/reward_margin"]}
 
     return RLRun(module, train, val, final_metrics=final_metrics)

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from ..checkpoint import save_output
 from ..lora import LoRA, add_lora, parameter_counts, unload
 from ..export import load_model
-from ..data.datasets import PreferenceDataset, collate_pairs, collate_pairs_padding_free, shuffled_loader
+from ..data.datasets import (PreferenceDataset, collate_pairs, collate_pairs_padding_free, heldout_loader,
+                             shuffled_loader)
 from ..data.formats import read_canonical
 from ..evaluation import per_task, probe_answers, probe_rewards
 from ..losses import bradley_terry_loss
@@ -107,11 +108,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     train_dl = dict(dl, collate_fn=partial(collate_pairs_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
                     ) if cfg.padding_free else dl
     trainer = stage.trainer()
-    val_dl = DataLoader(val, **dl)
+    val_dl = DataLoader(val, **dl)  # in file order, as accuracy_by_task reads it
     t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
     train_dl = shuffled_loader(train, t.max_steps * t.accumulate_grad_batches, t.seed, trainer.world_size,
                                trainer.global_rank, **train_dl)
-    resumed = stage.fit(trainer, module, train_dl, val_dl)
+    resumed = stage.fit(trainer, module, train_dl, heldout_loader(val, **dl))  # a sample of every task
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:

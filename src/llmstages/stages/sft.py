@@ -22,7 +22,7 @@ from ..checkpoint import save_output
 from ..lora import LoRA, add_lora, parameter_counts, unload
 from ..export import load_model
 from ..data.datasets import (PROMPT_FIELDS, SFTDataset, collate_padding_free, collate_sft, read_jsonl,
-                             shuffled_loader)
+                             heldout_loader, shuffled_loader)
 from ..data.formats import read_canonical
 from ..evaluation import (answer_metrics, eval_subset, generate_answers, heldout_pairs, preference_accuracy,
                           probe_answers)
@@ -121,7 +121,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
     train_dl = shuffled_loader(train, t.max_steps * t.accumulate_grad_batches, t.seed, trainer.world_size,
                                trainer.global_rank, **train_dl)
-    resumed = stage.fit(trainer, module, train_dl, val_dl)
+    resumed = stage.fit(trainer, module, train_dl, heldout_loader(val, **dl))  # a sample of every task
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
     val_loss = trainer.validate(module, val_dl, verbose=False)[0]["val/lm_loss"]
     if not trainer.is_global_zero:
