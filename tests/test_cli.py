@@ -51,7 +51,10 @@ def test_stage_help_says_what_the_stage_does(tmp_path, stage):
 
 def test_unknown_command_fails(tmp_path):
     p = run(["pretrian"], tmp_path, check=False)
-    assert p.returncode == 2 and "unknown command 'pretrian'" in p.stderr
+    assert p.returncode == 2 and "unknown command 'pretrian'; did you mean 'pretrain'?" in p.stderr
+    from importlib.metadata import version
+
+    assert run(["--version"], tmp_path).stdout == f"llmstages {version('llmstages')}\n"
 
 
 def test_bad_override_names_the_key(tmp_path):
@@ -207,6 +210,13 @@ def test_generate_shows_each_stage(tiny_run):
     assert p.stdout.count("What's 2 + 2?") == 3
     p = run(["generate", "hi", "--model", "outputs/reward"], work, check=False)  # it scores, it does not write
     assert p.returncode != 0 and "outputs/reward is a reward model" in p.stderr and "Traceback" not in p.stderr
+    long = "What is 2 + 2? " * 300  # longer than the context: a one-line error, not a traceback from the model
+    p = run(["generate", long, "--model", "outputs/sft"], work, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith(
+        "llmstages generate: the prompt 'What is 2 + 2? What is 2 + 2? What is 2 ...' is 2703 tokens")
+    assert "tokens in the chat template; outputs/sft's context holds" in p.stderr
+    p = run(["generate", "hi", "--model", "outputs/sft", "--max-new-tokens", "100000"], work, check=False)
+    assert p.returncode == 1 and "--max-new-tokens 100000 leaves no room for a prompt" in p.stderr
 
 
 @pytest.mark.parametrize("args, message", [

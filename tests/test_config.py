@@ -166,7 +166,10 @@ def test_bad_precision_is_refused_before_training(stage):
                           "visible GPU with trainer.accelerator=gpu; got 0 with accelerator=cpu"),
     ("trainer.devices=-1", "pretrain.trainer.devices: must be >= 1"),
     ("trainer.accelerator=tpu", "pretrain.trainer.accelerator: expected auto, cpu, gpu, cuda or mps, got 'tpu'"),
-    ("trainer.num_nodes=0", "pretrain.trainer.num_nodes: must be >= 1, got 0")])
+    ("trainer.num_nodes=0", "pretrain.trainer.num_nodes: must be >= 1, got 0"),
+    ("batch_size=0", "pretrain.batch_size: must be > 0, got 0"),  # torch's own message did not name the key
+    ("model.n_heads=3", "pretrain.model.d_model=256 must be divisible by model.n_heads=3"),  # checked at compose
+    ("model.d_model=100", "pretrain.model.d_model / model.n_heads must be even for RoPE")])
 def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(override, message):
     """Found by fresh-user checks: these ran to a ZeroDivisionError or a traceback inside Lightning, or after
     training (or, for accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
@@ -226,7 +229,12 @@ def test_bad_model_shape_is_a_one_line_value_error(field, value, message):
                                           ("trainer.max_steps=10", "trainer.max_steps"),
                                           ("trainer.precision=fp8", "trainer.precision"),
                                           ("probes.max_new_tokens=0", "probes.max_new_tokens"),
-                                          ("objective.direction=sideways", "objective.direction")])
+                                          ("objective.direction=sideways", "objective.direction"),
+                                          ("ppo.top_p=2", r"ppo.top_p: must be in \(0, 1\]"),
+                                          ("grpo.clip_range=-1", "grpo.clip_range: must be > 0"),
+                                          ("ppo.value_clip_range=0", "ppo.value_clip_range"),
+                                          ("ppo.gamma=2", r"ppo.gamma: must be in \[0, 1\]"),
+                                          ("ppo.lam=-0.5", "ppo.lam"), ("ppo.vf_coef=-1", "ppo.vf_coef")])
 def test_bad_rlhf_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate("rlhf", compose("rlhf", [override]))
@@ -238,6 +246,14 @@ def test_bad_sft_evaluation_settings_name_the_key(override, key):
     # a negative eval_limit reached random.sample ("Sample larger than population"), a negative token budget the KV cache
     with pytest.raises(ConfigError, match=key):
         validate("sft", compose("sft", [override]))
+
+
+def test_values_the_stage_would_refuse_are_refused_when_params_yaml_is_composed():
+    with pytest.raises(ConfigError, match=r"data\.vocab_size: must be in 262\.\.1048576, got 10"):
+        validate("data", compose("data", ["vocab_size=10"]))
+    for stage in ("sft", "reward"):
+        with pytest.raises(ConfigError, match=rf"{stage}\.batch_size: must be > 0, got 0"):
+            validate(stage, compose(stage, ["batch_size=0"]))
 
 
 def test_each_algorithm_has_its_own_group_with_paper_defaults():
@@ -296,6 +312,12 @@ def test_tiny_experiment_composes(tmp_path):
     assert p["pretrain"]["model"]["d_model"] == 32
     for stage in STAGES:
         validate(stage, p[stage])
+    # a key without its stage's section: named, with each stage's key (Hydra would suggest "+lr", read by no stage)
+    for bad in ("lr=1e-3", "+lr=1e-3"):
+        with pytest.raises(SystemExit, match=r"no stage reads 'lr'; did you mean 'pretrain\.optim\.lr', "
+                                             r"'sft\.optim\.lr', 'reward\.optim\.lr', 'rlhf\.optim\.lr'\?"):
+            cli.main(["params", bad, "-o", str(tmp_path / "bad.yaml")])
+    assert not (tmp_path / "bad.yaml").exists()
     # `llmstages params experiment=tiny`, written as for a single stage, composes the same file
     assert cli.main(["params", "experiment=tiny", "-o", str(tmp_path / "q.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "q.yaml").read_text()) == p
@@ -316,6 +338,8 @@ def test_unknown_override_checks_keys_against_the_schema():
     assert unknown_override("pretrain", "lora.r=4") == "no key 'lora.r' in the pretrain config"  # not 'optim.lr.r'
     assert unknown_override("pretrain", "trainr.max_steps=1") == ("no key 'trainr.max_steps' in the pretrain config; "
                                                                   "did you mean 'trainer.max_steps'?")
+    assert unknown_override("data", "data.val_fraction=0.5", prefix="data.") == (  # a key of the section above
+        "no key 'data.data.val_fraction' in the data config; did you mean 'data.val_fraction'?")
     # `llmstages params data.sft.path=...`: the data section's key is data.sft.path, in params.yaml data.data.sft.path
     assert unknown_override("data", "sft.path=x.jsonl", prefix="data.") == (
         "no key 'data.sft.path' in the data config; did you mean 'data.data.sft.path'?")

@@ -249,6 +249,8 @@ def test_bad_exports_and_imports_fail_in_one_line_naming_the_file(tiny_run, tmp_
     shutil.copytree(sft, other)
     refused(str(sft), str(other), match=f"{other} holds a stage output")
     assert (other / "meta.json").is_file()  # nothing overwritten
+    refused(str(sft), str(other / "hf"), match=f"{other / 'hf'} is inside the stage output {other.resolve()}")
+    assert not (other / "hf").exists()  # a DVC-tracked output stays as dvc.lock records it
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     refused(str(sft), str(tmp_path / "notes"), match=f"{tmp_path / 'notes'} is not empty and not an earlier export")

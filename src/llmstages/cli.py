@@ -341,9 +341,15 @@ def compose_params(overrides: list[str], output: str | Path = "params.yaml") -> 
 
 
 def _params_cmd(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmstages params", description=compose_params.__doc__)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sft.optim.lr=1e-4")
-    parser.add_argument("-o", "--output", default="params.yaml")
+    parser = argparse.ArgumentParser(
+        prog="llmstages params",
+        description="Compose conf/config.yaml with the overrides into params.yaml, as DVC does for dvc repro and "
+                    "dvc exp run -S. Keys start with a stage's section (data, pretrain, sft, reward, rlhf); config "
+                    "groups are chosen as in conf/config.yaml (model@pretrain.model=tiny); experiment=NAME applies "
+                    "a preset of conf/experiment/. Unknown keys and values a stage would refuse are errors, and "
+                    "then nothing is written.")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. sft.optim.lr=1e-4 rlhf.algorithm=dpo")
+    parser.add_argument("-o", "--output", default="params.yaml", help="file to write (default: %(default)s)")
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
 
@@ -356,6 +362,14 @@ def _params_cmd(argv: list[str]) -> int:
         section, _, rest = o.partition(".")
         if section in STAGES and (msg := unknown_override(section, rest, groups, prefix=f"{section}.")):
             sys.exit(f"llmstages params: override {o!r}: {msg}")
+        key = o.partition("=")[0].lstrip("+~")
+        if section not in STAGES and key.partition(".")[0].partition("@")[0] not in {*groups, "hydra"}:
+            # `lr=1e-3` (Hydra: "use +lr=1e-3", which writes a key no stage reads): a stage's key, for each stage
+            hints = [m.split("did you mean ")[1].rstrip("?") for st in STAGES
+                     if (m := unknown_override(st, f"{key}=", groups, prefix=f"{st}.")) and "did you mean" in m]
+            sys.exit(f"llmstages params: override {o!r}: params.yaml's keys start with a stage's section ("
+                     f"{', '.join(STAGES)}), and no stage reads '{key}'"
+                     + (f"; did you mean {', '.join(hints)}?" if hints else ""))
     try:
         print(compose_params(overrides, args.output))
     except (HydraException, ConfigError) as err:
@@ -367,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"llmstages {version('llmstages')}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in STAGES:
@@ -380,7 +399,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return {"generate": commands.generate_cmd, "chat": commands.chat_cmd, "compare": commands.compare_cmd,
                 "export": commands.export_cmd}[cmd](rest)
-    print(f"llmstages: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+    from .config import closest
+
+    commands = [*STAGES, "params", "generate", "chat", "compare", "export"]
+    hint = f"; did you mean {match!r}?" if (match := closest(cmd, commands)) else ""
+    print(f"llmstages: unknown command {cmd!r}{hint}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 

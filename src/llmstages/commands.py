@@ -68,8 +68,20 @@ def generate_cmd(argv: list[str]) -> int:
             model, _, tok = load_model(path)  # a stage output or a Hugging Face Llama folder
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             sys.exit(f"llmstages generate: {err}")
+        ids, ctx = [tok.encode_prompt(p) for p in args.prompt], model.cfg.max_seq_len
+        if args.max_new_tokens >= ctx:
+            sys.exit(f"llmstages generate: --max-new-tokens {args.max_new_tokens} leaves no room for a prompt in "
+                     f"{path}'s {ctx}-token context")
+        for p, i in zip(args.prompt, ids):
+            if len(i) >= ctx:  # the chat template's tokens included
+                short = p if len(p) <= 40 else p[:40] + "..."
+                sys.exit(f"llmstages generate: the prompt {short!r} is {len(i)} tokens in the chat template; "
+                         f"{path}'s context holds {ctx} tokens, prompt and answer together")
+        if (longest := max(map(len, ids))) + args.max_new_tokens > ctx:
+            print(f"llmstages generate: note: {path}'s {ctx}-token context leaves {ctx - longest} tokens for the "
+                  f"answer to a {longest}-token prompt (--max-new-tokens {args.max_new_tokens})", file=sys.stderr)
         gen = torch.Generator().manual_seed(args.seed)
-        g = generate(model, [tok.encode_prompt(p) for p in args.prompt], args.max_new_tokens, tok.eos_id, tok.pad_id,
+        g = generate(model, ids, args.max_new_tokens, tok.eos_id, tok.pad_id,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
         for p, r in zip(args.prompt, g.responses):
             table.add_row(str(path), p, tok.decode(r.tolist()))

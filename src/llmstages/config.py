@@ -323,8 +323,13 @@ def _did_you_mean(stage: str, key: str, prefix: str = "") -> str:
     # candidates for the unknown part: at its place, or (at the root) anywhere deeper; the rest must fit under one
     paths = [p for p in (_leaf_paths(node) if not known else [str(k) for k in node.keys()])
              if not rest or _has(OmegaConf.select(node, p, default=None), rest)]
+    paths.sort(key=lambda p: (p.count("."), p.partition(".")[0] in ALGORITHMS))  # shallowest; optim.lr, not ppo.lr
     match = closest(part, {p.rpartition(".")[2] for p in paths})
-    path = next((p for p in paths if p.rpartition(".")[2] == match), None)  # the shallowest
+    path = next((p for p in paths if p.rpartition(".")[2] == match), None)
+    if path is None and known:  # nothing close at its place: the key may belong elsewhere (data.data.val_fraction)
+        if _has(OmegaConf.structured(SCHEMAS[stage]), part + tail):
+            return f"; did you mean '{prefix}{part}{tail}'?"
+        return _did_you_mean(stage, part + tail, prefix)
     return f"; did you mean '{prefix}{known + '.' if known else ''}{path}{tail}'?" if path else ""
 
 
@@ -421,6 +426,15 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             "(to skip the probes, set probes.prompts=[])")
     for key, msg in check_lora(cfg.lora) if "lora" in cfg else []:
         bad(key, msg)
+    if "batch_size" in cfg and cfg.batch_size <= 0:
+        bad("batch_size", f"must be > 0, got {cfg.batch_size}")
+    if "model" in cfg:  # the architecture's own checks (GPTConfig), before the stage reads any data
+        from .model import GPTConfig
+
+        try:
+            GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": cfg.model.vocab_size or 1})
+        except ValueError as err:
+            raise ConfigError(f"{source}: {stage}.{err}") from None
     if "logger" in cfg:
         for b in cfg.logger.backends:
             if b not in BACKENDS:
@@ -441,6 +455,17 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
                     "ppo.reward_clip"):
             if OmegaConf.select(cfg, key) < 0:
                 bad(key, f"must be >= 0, got {OmegaConf.select(cfg, key)}")
+        for key in ("ppo.top_p", "grpo.top_p", "dpo.top_p"):
+            if not 0 < OmegaConf.select(cfg, key) <= 1:
+                bad(key, f"must be in (0, 1] (the nucleus mass; 1 = off), got {OmegaConf.select(cfg, key)}")
+        for key in ("ppo.gamma", "ppo.lam"):
+            if not 0 <= OmegaConf.select(cfg, key) <= 1:
+                bad(key, f"must be in [0, 1], got {OmegaConf.select(cfg, key)}")
+        for key in ("ppo.clip_range", "grpo.clip_range", "ppo.value_clip_range"):
+            if OmegaConf.select(cfg, key) <= 0:
+                bad(key, f"must be > 0 (the PPO clip range epsilon), got {OmegaConf.select(cfg, key)}")
+        if cfg.ppo.vf_coef < 0:
+            bad("ppo.vf_coef", f"must be >= 0, got {cfg.ppo.vf_coef}")
         if cfg.dpo.beta <= 0:
             bad("dpo.beta", f"must be > 0, got {cfg.dpo.beta}")
         if not 0 <= cfg.dpo.label_smoothing < 0.5:
@@ -480,6 +505,8 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
         from .data.formats import PREFERENCE_FORMATS, SFT_FORMATS
 
         d = cfg.data
+        if not d.tokenizer.path and not 262 <= cfg.vocab_size <= 1 << 20:  # 6 specials + 256 bytes, uint32 ids
+            bad("vocab_size", f"must be in 262..{1 << 20}, got {cfg.vocab_size}")
         if not 0 < cfg.val_fraction < 1:
             bad("val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
         if d.corpus_format != "auto" and not d.corpus:

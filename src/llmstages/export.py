@@ -134,8 +134,8 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: ``output`` is not a stage output.
-        ValueError: ``output`` is already a Hugging Face folder, ``folder`` holds a stage output or other files
-            (a folder that is not empty must be an earlier export: it holds ``llmstages.json``), a file of
+        ValueError: ``output`` is already a Hugging Face folder, ``folder`` holds or is inside a stage output
+            or holds other files (a folder that is not empty must be an earlier export: it holds ``llmstages.json``), a file of
             ``output`` is broken (see :func:`~llmstages.checkpoint.load_output`), or a reward head has a
             non-zero bias (it has no place in Llama's score head).
     """
@@ -148,6 +148,9 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
     if (folder / "meta.json").is_file() and not (folder / "llmstages.json").is_file():
         raise ValueError(f"{folder} holds a stage output (meta.json): exporting there would overwrite it; choose "
                          "another folder")
+    inside = next((p for p in folder.resolve().parents if (p / "meta.json").is_file()), None)
+    if inside is not None:  # a stage output is DVC's: files added inside it change its hash, and dvc checkout drops them
+        raise ValueError(f"{folder} is inside the stage output {inside}; choose a folder outside it")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "llmstages.json").is_file():
         raise ValueError(f"{folder} is not empty and not an earlier export (no llmstages.json): exporting there "
                          "would mix its files with the checkpoint's; choose a new or empty folder")
