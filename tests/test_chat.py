@@ -51,7 +51,9 @@ def test_chat_two_turns_through_stdin_keep_the_conversation(tiny_run):
 def test_chat_refuses_a_reward_model_and_bad_sampling_values(tiny_run):
     work, _ = tiny_run
     for args, message in [([str(work / "outputs/reward")], "is a reward model"),
-                          ([str(work / "outputs/sft"), "--temperature", "nan"], "nan is not a finite number")]:
+                          ([str(work / "outputs/sft"), "--temperature", "nan"], "nan is not a finite number"),
+                          # a system message that leaves no room: refused at the start, not at every later message
+                          ([str(work / "outputs/sft"), "--system", "word " * 300], "the --system message is ")]:
         p = subprocess.run([LLMSTAGES, "chat", *args], input="hi\n", capture_output=True, text=True, env=ENV,
                            timeout=300)
         assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

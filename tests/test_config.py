@@ -169,7 +169,12 @@ def test_bad_precision_is_refused_before_training(stage):
     ("trainer.num_nodes=0", "pretrain.trainer.num_nodes: must be >= 1, got 0"),
     ("batch_size=0", "pretrain.batch_size: must be > 0, got 0"),  # torch's own message did not name the key
     ("model.n_heads=3", "pretrain.model.d_model=256 must be divisible by model.n_heads=3"),  # checked at compose
-    ("model.d_model=100", "pretrain.model.d_model / model.n_heads must be even for RoPE")])
+    ("model.d_model=100", "pretrain.model.d_model / model.n_heads must be even for RoPE"),
+    ("model.rope_theta=0", "pretrain.model.rope_theta must be > 0"), ("model.norm_eps=-1", "pretrain.model.norm_eps"),
+    ("model.d_ff=-5", "pretrain.model.d_ff must be >= 0 (0 = 8/3 x d_model"),  # trained as if 0 before
+    ("seq_len=0", "pretrain.seq_len: must be > 0"),
+    ("seq_len=4096", "pretrain.seq_len: must be at most model.max_seq_len=512, got 4096"),
+    ("num_workers=-1", "pretrain.num_workers: must be >= 0")])
 def test_trainer_and_optim_values_that_would_fail_mid_run_are_refused_first(override, message):
     """Found by fresh-user checks: these ran to a ZeroDivisionError or a traceback inside Lightning, or after
     training (or, for accumulate_grad_batches=0, wrote an untrained model with train_loss NaN)."""
@@ -254,6 +259,8 @@ def test_values_the_stage_would_refuse_are_refused_when_params_yaml_is_composed(
     for stage in ("sft", "reward"):
         with pytest.raises(ConfigError, match=rf"{stage}\.batch_size: must be > 0, got 0"):
             validate(stage, compose(stage, ["batch_size=0"]))
+        with pytest.raises(ConfigError, match=rf"{stage}\.max_len: must be > 0, got -1"):  # was: every row dropped
+            validate(stage, compose(stage, ["max_len=-1"]))
 
 
 def test_each_algorithm_has_its_own_group_with_paper_defaults():
@@ -318,6 +325,17 @@ def test_tiny_experiment_composes(tmp_path):
                                              r"'sft\.optim\.lr', 'reward\.optim\.lr', 'rlhf\.optim\.lr'\?"):
             cli.main(["params", bad, "-o", str(tmp_path / "bad.yaml")])
     assert not (tmp_path / "bad.yaml").exists()
+    for bad, hint in (("algorithm=dpo", "'rlhf.algorithm'"), ("val_fraction=0.1", "'data.val_fraction'"),
+                      ("batch_size=4", "'pretrain.batch_size', 'sft.batch_size', 'reward.batch_size', "
+                                       "'rlhf.dpo.batch_size'"),  # the key itself, in every stage that has it
+                      ("vocab_size=300", "'data.vocab_size', 'pretrain.model.vocab_size'")):
+        with pytest.raises(SystemExit, match=f"did you mean {re.escape(hint)}\\?$"):
+            cli.main(["params", bad, "-o", str(tmp_path / "bad.yaml")])
+    # `++key=value` (add or override) and `+key` stay Hydra's to judge: a stage's key is not "read by no stage"
+    assert cli.main(["params", "++pretrain.optim.lr=2e-3", "-o", str(tmp_path / "pp.yaml")]) == 0
+    assert yaml.safe_load((tmp_path / "pp.yaml").read_text())["pretrain"]["optim"]["lr"] == 2e-3
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["params", "-o", str(tmp_path / "no" / "such" / "p.yaml")])
     # `llmstages params experiment=tiny`, written as for a single stage, composes the same file
     assert cli.main(["params", "experiment=tiny", "-o", str(tmp_path / "q.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "q.yaml").read_text()) == p

@@ -40,7 +40,7 @@ other commands:
 
 Pipeline: dvc repro (all stages), dvc exp run -S 'sft.optim.lr=1e-4' (an experiment), dvc exp show,
   dvc exp run --queue -S 'pretrain.optim.lr=1e-3,3e-4' then dvc queue start (a grid), dvc plots show.
-Config folder: ./conf, or $LLMSTAGES_CONF.
+Config folder: ./conf, or $LLMSTAGES_CONF.  llmstages --version prints the version.
 """
 
 
@@ -174,7 +174,14 @@ def _params_mode(stage: str, argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: outputs/<stage>)")
     args, extra = parser.parse_known_args(argv)
     if extra:
-        keys = [a.removeprefix(f"{stage}.") for a in extra]
+        from .config import stage_keys
+
+        def fixed(override: str) -> str:  # a key that is not the stage's: the one it may mean (lr -> optim.lr)
+            key, sep, value = override.removeprefix(f"{stage}.").partition("=")
+            hint = stage_keys(key, [stage]) if sep else []
+            return f"{hint[0].removeprefix(f'{stage}.') if hint else key}{sep}{value}"
+
+        keys = [fixed(a) for a in extra]
         dvc_sets = " ".join(f"-S '{stage}.{k}'" for k in keys)
         parser.error(f"--params {args.params} takes no overrides, got: {' '.join(extra)}. Edit the '{stage}' "
                      f"section of {args.params}, or compose from conf/ with the overrides: llmstages {stage} "
@@ -353,7 +360,7 @@ def _params_cmd(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
 
-    from .config import ConfigError, unknown_override
+    from .config import ConfigError, stage_keys, unknown_override
 
     # experiment=NAME as for a single stage; the pipeline config has no default experiment, so Hydra needs "+"
     overrides = [f"+{o}" if o.partition("=")[0] == "experiment" else o for o in args.overrides]
@@ -362,14 +369,15 @@ def _params_cmd(argv: list[str]) -> int:
         section, _, rest = o.partition(".")
         if section in STAGES and (msg := unknown_override(section, rest, groups, prefix=f"{section}.")):
             sys.exit(f"llmstages params: override {o!r}: {msg}")
-        key = o.partition("=")[0].lstrip("+~")
-        if section not in STAGES and key.partition(".")[0].partition("@")[0] not in {*groups, "hydra"}:
+        key = o.partition("=")[0].lstrip("+~")  # `+`, `++`, `~` (add, force, delete): Hydra checks the rest
+        if key.partition(".")[0].partition("@")[0] not in {*STAGES, *groups, "hydra"}:
             # `lr=1e-3` (Hydra: "use +lr=1e-3", which writes a key no stage reads): a stage's key, for each stage
-            hints = [m.split("did you mean ")[1].rstrip("?") for st in STAGES
-                     if (m := unknown_override(st, f"{key}=", groups, prefix=f"{st}.")) and "did you mean" in m]
+            hints = stage_keys(key)
             sys.exit(f"llmstages params: override {o!r}: params.yaml's keys start with a stage's section ("
                      f"{', '.join(STAGES)}), and no stage reads '{key}'"
-                     + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+                     + (f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""))
+    if not Path(args.output).resolve().parent.is_dir():
+        sys.exit(f"llmstages params: -o {args.output}: the folder {Path(args.output).parent} does not exist")
     try:
         print(compose_params(overrides, args.output))
     except (HydraException, ConfigError) as err:

@@ -78,7 +78,7 @@ def generate_cmd(argv: list[str]) -> int:
                 sys.exit(f"llmstages generate: the prompt {short!r} is {len(i)} tokens in the chat template; "
                          f"{path}'s context holds {ctx} tokens, prompt and answer together")
         if (longest := max(map(len, ids))) + args.max_new_tokens > ctx:
-            print(f"llmstages generate: note: {path}'s {ctx}-token context leaves {ctx - longest} tokens for the "
+            print(f"llmstages generate: note: {path}'s {ctx}-token context leaves {ctx - longest} token(s) for the "
                   f"answer to a {longest}-token prompt (--max-new-tokens {args.max_new_tokens})", file=sys.stderr)
         gen = torch.Generator().manual_seed(args.seed)
         g = generate(model, ids, args.max_new_tokens, tok.eos_id, tok.pad_id,
@@ -127,6 +127,10 @@ def chat_cmd(argv: list[str]) -> int:
     if budget < 8:
         sys.exit(f"llmstages chat: --max-new-tokens {args.max_new_tokens} leaves no room for the conversation in "
                  f"the model's {model.cfg.max_seq_len}-token context")
+    if args.system and (n := len(tok.encode_prompt([{"role": "system", "content": args.system}]))) > budget - 8:
+        sys.exit(f"llmstages chat: the --system message is {n} tokens in the chat template; the model's "
+                 f"{model.cfg.max_seq_len}-token context less --max-new-tokens {args.max_new_tokens} leaves {budget} "
+                 "for the whole conversation: shorten it")
 
     def write(text: str) -> None:
         sys.stdout.write(text)

@@ -333,6 +333,22 @@ def _did_you_mean(stage: str, key: str, prefix: str = "") -> str:
     return f"; did you mean '{prefix}{known + '.' if known else ''}{path}{tail}'?" if path else ""
 
 
+def stage_keys(key: str, stages: Iterable[str] = STAGES) -> list[str]:
+    """The params.yaml keys (``<stage>.<path>``) that dotted ``key``, given without a stage's section, may mean:
+    in each stage, the key itself or the shallowest path ending in it (``lr`` -> ``pretrain.optim.lr``, ...,
+    ``rlhf.optim.lr``); where no stage has one, the closest misspelling per stage (as :func:`unknown_override`)."""
+    exact, close = [], []
+    for stage in stages:
+        schema = OmegaConf.structured(SCHEMAS[stage])
+        paths = sorted((p for p in _leaf_paths(schema) if p == key or p.endswith("." + key)),
+                       key=lambda p: (p.count("."), p.partition(".")[0] in ALGORITHMS))
+        if paths:
+            exact.append(f"{stage}.{paths[0]}")
+        elif hint := _did_you_mean(stage, key, prefix=f"{stage}."):
+            close.append(hint.split("'")[1])
+    return exact or close
+
+
 def _has(node: object, key: str) -> bool:
     """Whether schema ``node`` has dotted ``key`` (with or without a value)."""
     for part in key.split("."):
@@ -426,15 +442,20 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
             "(to skip the probes, set probes.prompts=[])")
     for key, msg in check_lora(cfg.lora) if "lora" in cfg else []:
         bad(key, msg)
-    if "batch_size" in cfg and cfg.batch_size <= 0:
-        bad("batch_size", f"must be > 0, got {cfg.batch_size}")
+    for key in ("batch_size", "max_len", "seq_len"):
+        if key in cfg and cfg[key] <= 0:
+            bad(key, f"must be > 0, got {cfg[key]}")
+    if "num_workers" in cfg and cfg.num_workers < 0:
+        bad("num_workers", f"must be >= 0 (0 = load in the training process), got {cfg.num_workers}")
     if "model" in cfg:  # the architecture's own checks (GPTConfig), before the stage reads any data
         from .model import GPTConfig
 
         try:
-            GPTConfig(**{**OmegaConf.to_container(cfg.model), "vocab_size": cfg.model.vocab_size or 1})
+            GPTConfig(**OmegaConf.to_container(cfg.model))
         except ValueError as err:
             raise ConfigError(f"{source}: {stage}.{err}") from None
+        if "seq_len" in cfg and cfg.seq_len > cfg.model.max_seq_len:
+            bad("seq_len", f"must be at most model.max_seq_len={cfg.model.max_seq_len}, got {cfg.seq_len}")
     if "logger" in cfg:
         for b in cfg.logger.backends:
             if b not in BACKENDS:

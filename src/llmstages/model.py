@@ -50,7 +50,13 @@ class GPTConfig:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("model.d_model / model.n_heads must be even for RoPE")
-        if self.d_ff <= 0:
+        for key in ("rope_theta", "norm_eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        for key, meaning in (("d_ff", "8/3 x d_model rounded up to 64"), ("vocab_size", "the tokenizer's")):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0 (0 = {meaning}), got {getattr(self, key)}")
+        if self.d_ff == 0:
             self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
 
     def to_dict(self) -> dict:
