@@ -306,13 +306,18 @@ def _hydra_mode(stage: str, argv: list[str]) -> int:
         return float(value)
 
     overrides = [experiment_override(stage, strip_stage_prefix(stage, a)) for a in argv]
-    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}  # model=tiny, trainer=gpu, ...: Hydra's to check
+    groups = _config_groups()  # model=tiny, trainer=gpu, ...: Hydra's to check
     for override in overrides:  # before Hydra, whose own message would suggest adding the misspelt key with +
         if msg := unknown_override(stage, override, groups):
             sys.exit(f"llmstages {stage}: command-line override {override!r}: {msg}")
     sys.argv = [f"llmstages {stage}", *overrides]
     app()
     return 0
+
+
+def _config_groups() -> set[str]:
+    """The config groups of ``conf/`` (its folders: model, trainer, logger, ...)."""
+    return {p.name for p in conf_dir().iterdir() if p.is_dir()}
 
 
 def _to_run_log(message: str) -> None:
@@ -364,7 +369,7 @@ def _params_cmd(argv: list[str]) -> int:
 
     # experiment=NAME as for a single stage; the pipeline config has no default experiment, so Hydra needs "+"
     overrides = [f"+{o}" if o.partition("=")[0] == "experiment" else o for o in args.overrides]
-    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
+    groups = _config_groups()
     for o in overrides:  # a stage section's key: named with its suggestion, where Hydra would suggest "+key"
         section, _, rest = o.partition(".")
         if section in STAGES and (msg := unknown_override(section, rest, groups, prefix=f"{section}.")):

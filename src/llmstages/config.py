@@ -312,40 +312,50 @@ def _unknown_key(stage: str, key: str) -> tuple[DictConfig, str, str, str] | Non
     return None
 
 
-def _did_you_mean(stage: str, key: str, prefix: str = "") -> str:
-    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema, else ``""``. A key whose
-    first part names a setting deeper in the schema (``lr``, ``sft.path``) is answered with its full path."""
+def _shallowest_first(paths) -> list[str]:
+    """Dotted schema paths, shallowest first, and a shared section's before an RL algorithm's (optim.lr, ppo.lr)."""
+    return sorted(paths, key=lambda p: (p.count("."), p.partition(".")[0] in ALGORITHMS))
+
+
+def _suggest(stage: str, key: str) -> str | None:
+    """The key of ``stage``'s schema that a misspelled dotted ``key`` most likely means, or None. A key whose first
+    part names a setting deeper in the schema (``lr``, ``sft.path``) is answered with its full path."""
     found = _unknown_key(stage, key)
     if found is None:
-        return ""
+        return None
     node, known, part, rest = found
     tail = f".{rest}" if rest else ""
     # candidates for the unknown part: at its place, or (at the root) anywhere deeper; the rest must fit under one
-    paths = [p for p in (_leaf_paths(node) if not known else [str(k) for k in node.keys()])
-             if not rest or _has(OmegaConf.select(node, p, default=None), rest)]
-    paths.sort(key=lambda p: (p.count("."), p.partition(".")[0] in ALGORITHMS))  # shallowest; optim.lr, not ppo.lr
+    paths = _shallowest_first(p for p in (_leaf_paths(node) if not known else [str(k) for k in node.keys()])
+                              if not rest or _has(OmegaConf.select(node, p, default=None), rest))
     match = closest(part, {p.rpartition(".")[2] for p in paths})
     path = next((p for p in paths if p.rpartition(".")[2] == match), None)
     if path is None and known:  # nothing close at its place: the key may belong elsewhere (data.data.val_fraction)
         if _has(OmegaConf.structured(SCHEMAS[stage]), part + tail):
-            return f"; did you mean '{prefix}{part}{tail}'?"
-        return _did_you_mean(stage, part + tail, prefix)
-    return f"; did you mean '{prefix}{known + '.' if known else ''}{path}{tail}'?" if path else ""
+            return part + tail
+        return _suggest(stage, part + tail)
+    return f"{known + '.' if known else ''}{path}{tail}" if path else None
+
+
+def _did_you_mean(stage: str, key: str, prefix: str = "") -> str:
+    """``"; did you mean 'optim.lr'?"`` for a misspelled ``key`` of ``stage``'s schema (:func:`_suggest`), with
+    ``prefix`` before it, else ``""``."""
+    path = _suggest(stage, key)
+    return f"; did you mean '{prefix}{path}'?" if path else ""
 
 
 def stage_keys(key: str, stages: Iterable[str] = STAGES) -> list[str]:
     """The params.yaml keys (``<stage>.<path>``) that dotted ``key``, given without a stage's section, may mean:
     in each stage, the key itself or the shallowest path ending in it (``lr`` -> ``pretrain.optim.lr``, ...,
-    ``rlhf.optim.lr``); where no stage has one, the closest misspelling per stage (as :func:`unknown_override`)."""
+    ``rlhf.optim.lr``); where no stage has one, the closest misspelling per stage (:func:`_suggest`)."""
     exact, close = [], []
     for stage in stages:
-        schema = OmegaConf.structured(SCHEMAS[stage])
-        paths = sorted((p for p in _leaf_paths(schema) if p == key or p.endswith("." + key)),
-                       key=lambda p: (p.count("."), p.partition(".")[0] in ALGORITHMS))
+        paths = _shallowest_first(p for p in _leaf_paths(OmegaConf.structured(SCHEMAS[stage]))
+                                  if p == key or p.endswith("." + key))
         if paths:
             exact.append(f"{stage}.{paths[0]}")
-        elif hint := _did_you_mean(stage, key, prefix=f"{stage}."):
-            close.append(hint.split("'")[1])
+        elif path := _suggest(stage, key):
+            close.append(f"{stage}.{path}")
     return exact or close
 
 
