@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -65,6 +66,13 @@ def test_sft_changes_the_model_and_reports_both(tiny_run):
 def test_reward_and_rlhf_metrics(tiny_run):
     _, m = tiny_run
     assert 0.0 <= m["reward"]["val_accuracy"] <= 1.0 and m["reward"]["val_pairs"] > 0
+    # Each task's accuracy comes from the same final pass as the overall one: weighted by the task's pairs, they
+    # add up to it.
+    rows = [json.loads(line) for line in (tiny_run[0] / "outputs/data/pref_val.jsonl").read_text().splitlines()]
+    counts = Counter(r["task"] for r in rows)
+    assert len(rows) == m["reward"]["val_pairs"] and len(counts) >= 2
+    weighted = sum(m["reward"][f"val_accuracy_{t}"] * n for t, n in counts.items()) / len(rows)
+    assert weighted == pytest.approx(m["reward"]["val_accuracy"], abs=1e-5)
     rm = m["rlhf"]
     for key in ("rlhf_reward", "sft_reward", "win_rate_vs_sft", "rlhf_kl_to_ref", "rlhf_exact_match_arithmetic"):
         assert np.isfinite(rm[key])

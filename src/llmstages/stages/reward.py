@@ -39,6 +39,7 @@ class RewardModule(L.LightningModule):
         self.model, self.head, self.optim = model, ScalarHead(model.cfg.d_model, bias=False), optim
         self.hidden_fn = CompiledCall(model.hidden, compile)
         self.step_mean = StepMean()
+        self.pair_hits: list[bool] | None = None  # a list: validation appends each pair's outcome, in loader order
 
     def scores(self, batch: dict) -> torch.Tensor:
         """Reward ``(2B,)`` of each sequence of a :func:`~llmstages.data.datasets.collate_pairs` batch (right-padded
@@ -68,23 +69,13 @@ class RewardModule(L.LightningModule):
         self.log("val/bt_loss", bradley_terry_loss(chosen, rejected), prog_bar=True, sync_dist=True)
         self.log("val/accuracy", (chosen > rejected).float().mean(), prog_bar=True, sync_dist=True)
         self.log("val/margin", (chosen - rejected).mean(), sync_dist=True)
+        if self.pair_hits is not None:
+            self.pair_hits += (chosen > rejected).tolist()
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.optim["weight_decay"]) + [{"params": self.head.parameters(),
                                                                           "weight_decay": 0.0}]
         return adamw_with_schedule(groups, **self.optim)
-
-
-@torch.no_grad()
-def accuracy_by_task(module: RewardModule, pairs: DataLoader, tasks: list[str]) -> dict[str, float]:
-    """Pairwise accuracy (chosen scored above rejected) on ``pairs`` (not shuffled) per task, with Wilson 95%
-    intervals: ``val_accuracy_<task>`` (:func:`~llmstages.evaluation.proportion`)."""
-    module.eval()
-    hits: list[bool] = []
-    for batch in pairs:
-        chosen, rejected = module.scores(batch).chunk(2)
-        hits += (chosen > rejected).tolist()
-    return per_task("val_accuracy", hits, tasks)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
@@ -108,16 +99,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     train_dl = dict(dl, collate_fn=partial(collate_pairs_padding_free, pad_id=tok.pad_id, max_len=cfg.max_len)
                     ) if cfg.padding_free else dl
     trainer = stage.trainer()
-    val_dl = DataLoader(val, **dl)  # in file order, as accuracy_by_task reads it
+    val_dl = DataLoader(val, **dl)  # in file order, as val.tasks lists the pairs' tasks
     t = cfg.trainer  # one loader for the whole run: its max_steps * accumulate_grad_batches micro-batches
     train_dl = shuffled_loader(train, t.max_steps * t.accumulate_grad_batches, t.seed, trainer.world_size,
                                trainer.global_rank, **train_dl)
     resumed = stage.fit(trainer, module, train_dl, heldout_loader(val, **dl))  # a sample of every task
     trainer.limit_val_batches = 1.0  # the final score covers the whole held-out set
+    module.pair_hits = []  # the final pass keeps each pair's outcome: the accuracy of each task, same precision
     final = trainer.validate(module, val_dl, verbose=False)[0]  # pair-weighted over the whole held-out set
     if not trainer.is_global_zero:
         return {}  # another DDP process: rank 0 writes the output
-    metrics = {**parameter_counts(module.model, module.head), "val_accuracy": final["val/accuracy"], **accuracy_by_task(module, val_dl, val.tasks),
+    metrics = {**parameter_counts(module.model, module.head), "val_accuracy": final["val/accuracy"],
+               **per_task("val_accuracy", module.pair_hits, val.tasks),
                "val_loss": final["val/bt_loss"], "val_margin": final["val/margin"],
                "train_pairs": len(train), "val_pairs": len(val), "resumed_from_step": resumed,
                **encoding_metrics(train=train.stats, val=val.stats)}
