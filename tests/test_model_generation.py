@@ -71,6 +71,27 @@ def test_tied_and_untied_embeddings():
     assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == VOCAB * 32
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_from_weights_is_the_saved_model(tied):
+    """GPT.from_weights (no random initialisation) gives the model whose weights it is handed: same logits,
+    embeddings tied again when the config ties them, the rotary tables of a freshly built model, float32."""
+    torch.manual_seed(0)
+    cfg = small_cfg(tie_embeddings=tied)
+    src = GPT(cfg).eval()
+    sd = {k: v.clone().double() for k, v in src.state_dict().items()}  # any float dtype comes back as float32
+    model = GPT.from_weights(cfg, sd).eval()
+    tokens = torch.tensor([PROMPTS[2]])
+    assert torch.equal(model(tokens), src(tokens))
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    assert len(list(model.parameters())) == len(list(src.parameters()))
+    assert torch.equal(model.rope_cos, src.rope_cos) and torch.equal(model.rope_sin, src.rope_sin)
+    assert "rope_cos" not in model.state_dict()  # still a non-persistent buffer
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" and p.requires_grad for p in model.parameters())
+    sd["norm.weight"] = torch.ones(cfg.d_model + 1)
+    with pytest.raises(RuntimeError, match="size mismatch for norm.weight"):
+        GPT.from_weights(cfg, sd)
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         GPTConfig(d_model=30, n_heads=4)  # not divisible

@@ -100,7 +100,6 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         cfg = GPTConfig(**fields)
     except (TypeError, ValueError) as err:  # unknown or missing keys, values of the wrong type
         raise ValueError(f"{path / CONFIG}: not a llmstages model config ({err})") from None
-    model = GPT(cfg)
     try:
         tensors = load_file(str(path / WEIGHTS))
     except Exception as err:  # safetensors' own error type: a truncated or corrupt file
@@ -110,7 +109,7 @@ def load_output(path: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
     if cfg.tie_embeddings and "embed.weight" in body_sd:
         body_sd["lm_head.weight"] = body_sd["embed.weight"]
     try:
-        model.load_state_dict(body_sd)
+        model = GPT.from_weights(cfg, body_sd)
     except RuntimeError as err:  # missing tensors, or shapes that do not fit config.json
         raise ValueError(f"{path / WEIGHTS} does not fit {path / CONFIG}: "
                          f"{' '.join(str(err).split())[:300]}") from None

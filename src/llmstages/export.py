@@ -287,8 +287,7 @@ def import_hf(folder: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         raise ValueError(f"{folder}: the weights ({', '.join(weights)}) lack {len(missing)} tensor(s) of the model, "
                          f"e.g. {', '.join(sorted(missing)[:3])}")
     sd = hf.state_dict()
-    model = GPT(cfg)
-    model.load_state_dict(from_llama_state_dict(sd, cfg))
+    model = GPT.from_weights(cfg, from_llama_state_dict(sd, cfg))
     head = None
     if with_head:
         if "score.weight" not in sd or sd["score.weight"].shape[0] != 1:

@@ -44,6 +44,7 @@ class SFTModule(L.LightningModule):
         super().__init__()
         self.model, self.optim, self.heldout = model, optim, heldout
         self.heldout_scores: dict[str, float] = {}  # the last validation's ``heldout(model)``
+        self.heldout_step = -1  # the optimizer step those scores were taken at
         self.step_mean = StepMean()
         self.hidden_fn = CompiledCall(model.hidden, compile)
 
@@ -75,9 +76,11 @@ class SFTModule(L.LightningModule):
         self.log("val/lm_loss", self.token_losses(batch).mean(), prog_bar=True, sync_dist=True)  # mean over processes
 
     def on_validation_epoch_end(self):
-        """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned."""
-        if self.heldout is not None and not self.trainer.sanity_checking:
-            self.heldout_scores = self.heldout(self.model)
+        """Held-out exact match at each validation (``heldout``), so the curve shows when answers are learned;
+        not again for unchanged weights (the final validation after one at the last step)."""
+        if self.heldout is not None and not self.trainer.sanity_checking \
+                and self.trainer.global_step != self.heldout_step:
+            self.heldout_scores, self.heldout_step = self.heldout(self.model), self.trainer.global_step
             scores = {k: v for k, v in self.heldout_scores.items() if k.startswith("exact_match") and "_ci95_" not in k}
             # every DDP process scores the same rows with the same weights: the mean is that one value
             self.log_dict({f"val/{k}": v for k, v in scores.items()}, sync_dist=True)
