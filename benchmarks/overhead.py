@@ -20,8 +20,13 @@ and each training stage's start-up and shut-down.
    params.yaml``, into ``outputs/overhead-<stage>``, logger as configured): the stage's own log line splits its
    process's time into start-up (process start to the first training step: imports, config, data, models, the
    evaluation before training), training, and after training (evaluation, saving, tracking); the wall time of
-   the subprocess less that gives the exit (interpreter and tracker shut-down). PASS/FAIL per stage: start-up
-   at most 5 s, and after training + exit at most 5 s.
+   the subprocess less that gives the exit (threads joined, trackers' exit hooks; the interpreter's teardown is
+   skipped, see ``llmstages.cli.exit_without_teardown``). PASS/FAIL per stage: start-up at most 5 s, and after
+   training + exit at most 5 s.
+5. Loading a model's weights at GPT-2-small shapes (12 layers, d 768, vocabulary 4,096: 88 M parameters), in
+   this process, ``--runs`` rounds interleaved: :meth:`llmstages.model.GPT.from_weights` (what
+   ``load_output`` and the Hugging Face import do: modules on the meta device, tensors assigned) against building
+   the model with its random initialisation and copying the weights in (what they did before). INFO, no check.
 
 Subprocesses get the venv's ``bin`` first on ``PATH`` (``llmstages``, ``dvc``), as the tests' ``sh`` helper does.
 
@@ -251,6 +256,48 @@ def bench_stages(repo: Path, extra_env: dict) -> bool:
     return ok
 
 
+# --------------------------------------------------------------------------- 5. model loading
+def bench_load(rounds: int) -> None:
+    """Section 5 of the module docstring: loading weights into a model at GPT-2-small shapes, both ways."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from llmstages.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=4096, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
+    print(f"loading a model's weights (GPT-2-small shapes: 12 layers, d 768, vocabulary 4,096; "
+          f"{GPT(cfg).num_params(non_embedding=False) / 1e6:.0f} M parameters, float32)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}, str(path))
+
+        def read() -> dict:
+            sd = load_file(str(path))
+            sd["lm_head.weight"] = sd["embed.weight"]  # tied, as load_output fills it
+            return sd
+
+        def init_then_copy() -> GPT:
+            model = GPT(cfg)
+            model.load_state_dict(read())
+            return model
+
+        ways = {"random init, then copy (before)": init_then_copy,
+                "GPT.from_weights (load_output)": lambda: GPT.from_weights(cfg, read())}
+        tokens = torch.randint(0, cfg.vocab_size, (1, 16))
+        same = torch.equal(*(fn().eval()(tokens) for fn in ways.values()))  # untimed: also warms the file cache
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(rounds):  # interleaved: both see the same machine from one round to the next
+            for name, fn in ways.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        row(name, fmt(ts))
+    before, after = (statistics.median(ts) for ts in times.values())
+    row("saved per load", f"{before - after:.2f} s ({before / after:.0f}x); same logits: {same}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="timed runs of --help, compose and params (default 5)")
@@ -276,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [("llmstages --help < 1 s", bench_help(args.runs))]
     print()
     bench_compose(args.runs)
+    print()
+    bench_load(args.runs)
     if not args.skip_dvc:
         print()
         folder = args.dir.resolve() if args.dir else None
