@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -98,6 +99,18 @@ def test_pretrain_with_trainer_compile(tiny_run, tmp_path):
     assert compiled["steps"] == metrics["pretrain"]["steps"]
     assert compiled["val_loss"] == pytest.approx(metrics["pretrain"]["val_loss"], abs=0.02)
     assert "compile failed" not in p.stderr
+
+
+def test_process_age_is_not_older_than_the_process():
+    """The start-up split's clock (runtime.process_age_s): a child's age at its last line is at most the wall time
+    the parent saw it run (one 10 ms clock tick of slack), and most of it. psutil's create_time, which adds a boot
+    time rounded to whole seconds, read 0.27 s too old on the 2-core EPYC."""
+    code = "import os\nfrom llmstages.runtime import process_age_s\nprint(process_age_s(), flush=True)\nos._exit(0)"
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    wall = time.monotonic() - t0
+    age = float(out.strip().splitlines()[-1])
+    assert wall - 2.0 < age <= wall + 0.011
 
 
 def test_help_imports_no_torch_lightning_or_trackers():

@@ -320,8 +320,9 @@ class GPT(nn.Module):
     def from_weights(cls, cfg: GPTConfig, state_dict: dict[str, torch.Tensor]) -> GPT:
         """A model of ``cfg`` holding ``state_dict``'s tensors, in float32 on the CPU: the modules are made on the
         meta device and the tensors assigned, so the random initialisation that loading would overwrite never
-        runs (0.8 s for an 88 M-parameter model on a 2-core CPU; a stage loads up to three models). Tied
-        embeddings are tied again and the rotary tables computed, as :class:`GPT` makes them.
+        runs (0.03 s against 0.70 s for an 88 M-parameter model on a 2-core CPU; a stage loads up to three
+        models). Tied embeddings are tied again and the rotary tables computed, as :class:`GPT` makes them.
+        Nothing is drawn from the random generator.
 
         Raises:
             RuntimeError: missing or unexpected keys, or a tensor whose shape does not fit ``cfg``

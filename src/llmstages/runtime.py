@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -164,6 +165,20 @@ def compile_unavailable(backend="inductor") -> str:
 
 
 _ALLOCATOR_TUNED = False
+
+
+def process_age_s() -> float:
+    """Seconds since this process started. On Linux: ``CLOCK_BOOTTIME`` less the start time in
+    ``/proc/self/stat`` (clock ticks since boot), exact to a tick (10 ms). Elsewhere ``psutil``'s
+    ``create_time``, which on Linux adds a boot time the kernel gives in whole seconds (up to 1 s off: 0.27 s
+    too old on the 2-core EPYC)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS, Windows), no CLOCK_BOOTTIME
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
 
 
 def keep_freed_host_memory() -> bool:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks import LearningRate, StageClock, StepProgressBar
 from ..checkpoint import write_json
-from ..runtime import is_rank_zero, keep_freed_host_memory, resolve_precision
+from ..runtime import is_rank_zero, keep_freed_host_memory, process_age_s, resolve_precision
 from ..lineage import combined_md5, lineage_tags, tree_md5s
 from ..tracking import (end_parent_runs, git_commit, in_pipeline, log_datasets, log_lineage, log_model, log_summary,
                         log_table, make_loggers, pipeline_run_id, project_path, run_ids, skip_logged_steps,
@@ -262,12 +262,10 @@ class Stage:
         """Log the process's wall time so far split into start-up (process start to the first training step:
         imports, config, data, models, evaluation before training), training, and after it (evaluation, saving,
         tracking)."""
-        import psutil
-
         clock, now = self.clock, time.time()
         if clock.first_batch_at is None or clock.train_end_at is None:
             return  # no training in this process (the data stage, or a run that had nothing left to train)
-        start = psutil.Process().create_time()
+        start = now - process_age_s()
         log.info("%s: %.1f s since the process started: start-up %.1f s, training %.1f s, after training %.1f s",
                  self.name, now - start, clock.first_batch_at - start, clock.train_end_at - clock.first_batch_at,
                  now - clock.train_end_at)
