@@ -283,6 +283,28 @@ def test_kill_and_resume(tiny_run, tmp_path):
         "The capital of France is", "What's 2 + 2?", "Explain gravity to a 5-year-old."]
 
 
+def test_a_stage_goes_on_when_the_reader_of_its_output_goes_away(tiny_run, tmp_path):
+    """``llmstages reward ... | head -2``: once the reader has gone, writes to stdout would raise BrokenPipeError
+    (log lines, and Rich's progress bar, whose default exits with 1 and loses the stage's work). The stage goes on
+    without printing: exit 0, its output written, its MLflow run FINISHED."""
+    import mlflow
+
+    work, _ = tiny_run
+    args = ["reward", f"init_from={work}/outputs/sft", f"data_dir={work}/outputs/data", *TINY["reward"],
+            "trainer.max_steps=2", "trainer.enable_progress_bar=true", "out_dir=outputs/rw"]
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        p = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err)
+        p.stdout.close()  # the reader goes away before the first line
+        assert p.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert "BrokenPipeError" not in stderr and "Logging error" not in stderr
+    assert json.loads((tmp_path / "outputs/rw/metrics.json").read_text())["val_pairs"] > 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'reward'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
 def test_wandb_offline_run(tiny_run, tmp_path):
     """logger=wandb with no API key logs offline into outputs/wandb, grouped by the pipeline run."""
     work, _ = tiny_run

@@ -10,6 +10,8 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from .runtime import discard_output
+
 log = logging.getLogger("llmstages")
 
 
@@ -36,6 +38,17 @@ class StepProgressBar(RichProgressBar):
         self.stage, self.line_every_s = stage, line_every_s
         self._start: tuple[float, int] | None = None  # (monotonic time, global step) when training started
         self._last_line: tuple[float, int] = (0.0, -1)
+
+    def _init_progress(self, trainer) -> None:
+        super()._init_progress(trainer)
+        console = self._console
+        if console is not None:
+
+            def on_broken_pipe() -> None:  # Rich's own exits the process (SystemExit(1)), losing the stage's work
+                console.quiet = True
+                discard_output("stdout")
+
+            console.on_broken_pipe = on_broken_pipe
 
     @property
     def total_train_batches(self) -> int:

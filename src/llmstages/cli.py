@@ -159,7 +159,13 @@ class _CurrentStream:
         self.name = name
 
     def write(self, text: str) -> int:
-        return getattr(sys, self.name).write(text)
+        try:
+            return getattr(sys, self.name).write(text)
+        except BrokenPipeError:  # the reader has gone (`| head`): the stage goes on without printing
+            from .runtime import discard_output
+
+            discard_output(self.name)
+            return len(text)
 
     def flush(self) -> None:
         getattr(sys, self.name).flush()

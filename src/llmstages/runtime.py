@@ -167,6 +167,17 @@ def compile_unavailable(backend="inductor") -> str:
 _ALLOCATOR_TUNED = False
 
 
+def discard_output(name: str = "stdout") -> None:
+    """Point ``sys.<name>``'s file descriptor at ``os.devnull``: its reader has gone (``llmstages sft | head``), and
+    the run goes on without printing rather than failing with ``BrokenPipeError`` (as the Python docs' note on
+    SIGPIPE advises). What the stage writes to files and trackers is not affected."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, getattr(sys, name).fileno())
+    finally:
+        os.close(devnull)
+
+
 def process_age_s() -> float:
     """Seconds since this process started. On Linux: ``CLOCK_BOOTTIME`` less the start time in
     ``/proc/self/stat`` (clock ticks since boot), exact to a tick (10 ms). Elsewhere ``psutil``'s
