@@ -159,16 +159,19 @@ class _CurrentStream:
         self.name = name
 
     def write(self, text: str) -> int:
+        self._call("write", text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._call("flush")
+
+    def _call(self, method: str, *args) -> None:
         try:
-            return getattr(sys, self.name).write(text)
+            getattr(getattr(sys, self.name), method)(*args)
         except BrokenPipeError:  # the reader has gone (`| head`): the stage goes on without printing
             from .runtime import discard_output
 
             discard_output(self.name)
-            return len(text)
-
-    def flush(self) -> None:
-        getattr(sys, self.name).flush()
 
 
 def _no_tips(record) -> bool:
