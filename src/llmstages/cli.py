@@ -74,6 +74,7 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # A resumed run's CSV logger: tracking.make_loggers keeps the file Lightning says it will delete.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    _start_mlflow_early(cfg)
     cfg = validate(stage, cfg, source, runs_here=True)
     out = Path(out_dir or cfg.out_dir or f"outputs/{stage}")
     _check_writable(stage, out)  # before training, not after it
@@ -105,6 +106,26 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     console.print(table)
     console.print(f"written to {out / 'metrics.json'}", soft_wrap=True, highlight=False)  # one line, any width
     return metrics
+
+
+def _start_mlflow_early(cfg) -> None:
+    """Start the MLflow process (:mod:`llmstages.mlflow_process`) now, when the config tracks to MLflow, so that
+    it opens the store on another core while this process imports torch and Lightning. Not under DDP's other
+    ranks (they track nothing); a config that cannot say is left to the validation that follows."""
+    if any(os.environ.get(v, "0") not in ("", "0") for v in ("RANK", "LOCAL_RANK", "NODE_RANK")):
+        return
+    try:
+        lc = cfg.logger
+        if "mlflow" not in list(lc.backends):
+            return
+        from .tracking import absolute_uri, project_path
+
+        uri = absolute_uri(project_path(str(lc.mlflow_tracking_uri)))
+    except Exception:  # noqa: BLE001  (validate() names what is wrong)
+        return
+    from . import mlflow_process
+
+    mlflow_process.start(uri)
 
 
 def _check_writable(stage: str, out: Path) -> None:

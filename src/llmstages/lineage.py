@@ -68,20 +68,25 @@ def lineage_tags(inputs: list[str | Path], tracking_uri: str | None) -> tuple[di
 
 
 def _runs_with_outputs(tracking_uri: str, digests: set[str]) -> dict[str, str]:
-    """``{digest: id of the newest run tagged output_md5 = digest}`` from one client of the MLflow store."""
+    """``{digest: id of the newest run tagged output_md5 = digest}`` from the MLflow store at ``tracking_uri``,
+    read in the MLflow process (:mod:`llmstages.mlflow_process`)."""
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
         return {}
-    try:
-        from mlflow.tracking import MlflowClient
+    from . import mlflow_process
+    from .tracking import absolute_uri
 
-        client = MlflowClient(tracking_uri)
-        exps = [e.experiment_id for e in client.search_experiments()]
-        found = {}
-        for d in sorted(digests) if exps else []:
-            runs = client.search_runs(exps, f"tags.output_md5 = '{d}'", order_by=["attributes.start_time DESC"],
-                                      max_results=1)
-            if runs:
-                found[d] = runs[0].info.run_id
-        return found
+    try:
+        return mlflow_process.call(absolute_uri(tracking_uri), _newest_runs, sorted(digests))
     except Exception:  # noqa: BLE001  (lineage is best effort: a broken store must not stop training)
         return {}
+
+
+def _newest_runs(client, digests: list[str]) -> dict[str, str]:
+    exps = [e.experiment_id for e in client.search_experiments()]
+    found = {}
+    for d in digests if exps else []:
+        runs = client.search_runs(exps, f"tags.output_md5 = '{d}'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if runs:
+            found[d] = runs[0].info.run_id
+    return found

@@ -14,11 +14,17 @@ temporary copy of the repo (``dvc queue start``) log to the project's own store.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
+
+log = logging.getLogger("llmstages")
 
 
 def _proc_parent(pid: int) -> tuple[int, str, str] | None:
@@ -103,32 +109,27 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
     pipeline execution or sweep (see :func:`parent_run`).
     ``resume`` (:func:`run_ids` of an interrupted run of the same stage) continues those tracking runs (and
     the CSV file) instead of opening new ones. ``description``: the MLflow run's description (and W&B notes).
-    The MLflow experiment is one of model training (:func:`experiment_id`).
+    The MLflow experiment is one of model training (:func:`experiment_id`); the MLflow logger
+    (:func:`mlflow_logger`) writes through the MLflow process (:mod:`llmstages.mlflow_process`).
 
     Raises:
         ValueError: for an unknown backend name.
+        llmstages.mlflow_process.MlflowProcessError: when MLflow cannot open the store or the run.
     """
     resume = resume or {}
     loggers = []
     for backend in backends:
         if backend == "mlflow":
-            from lightning.pytorch.loggers import MLFlowLogger
+            from . import mlflow_process
 
             uri = project_path(mlflow_tracking_uri)
             artifacts = str(Path(project_path(mlflow_artifact_location)).resolve())
             _ensure_sqlite_parent(uri)
             follow_project(uri, experiment, artifacts)
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(uri)
-            exp_id = experiment_id(client, experiment, artifacts)
             run_tags = {**tags, **mlflow_system_tags(tags, description)}
-            if resume.get("mlflow"):
-                client.update_run(resume["mlflow"], status="RUNNING")
-            elif parent:
-                run_tags["mlflow.parentRunId"] = parent_run(client, exp_id, *parent, tags)
-            loggers.append(MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri,
-                                        tags=run_tags, artifact_location=artifacts, run_id=resume.get("mlflow")))
+            run_id, exp_id = mlflow_process.call(absolute_uri(uri), _open_run, experiment, artifacts, run_name,
+                                                 run_tags, tags, parent, resume.get("mlflow"))
+            loggers.append(mlflow_logger(uri, run_id, exp_id))
         elif backend == "wandb":
             from lightning.pytorch.loggers import WandbLogger
 
@@ -160,6 +161,119 @@ def make_loggers(backends: list[str], *, stage: str, run_name: str, tags: dict[s
         else:
             raise ValueError(f"logger.backends: unknown backend {backend!r}")
     return loggers
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative ``sqlite:///`` path made absolute (from the working directory); others unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix):]).is_absolute():
+        return prefix + str(Path(uri[len(prefix):]).absolute())
+    return uri
+
+
+@functools.cache
+def _mlflow_run_class() -> type:
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from lightning.pytorch.loggers.logger import Logger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from . import mlflow_process
+
+    class MLflowRun(Logger):
+        """Lightning logger of one MLflow run, as Lightning's ``MLFlowLogger`` logs (parameters cut to 250
+        characters, in batches of 100; metric names without characters other than letters, digits, ``_/.-``
+        and space; a point without a step at step 0), through the MLflow process."""
+
+        def __init__(self, tracking_uri: str, run_id: str, experiment_id: str) -> None:
+            super().__init__()
+            self.tracking_uri, self.run_id, self.experiment_id = tracking_uri, run_id, experiment_id
+
+        def call(self, fn, *args, **kwargs):
+            """``fn(client, run_id, *args, **kwargs)`` in the MLflow process (see :func:`mlflow_process.call`)."""
+            return mlflow_process.call(absolute_uri(self.tracking_uri), fn, self.run_id, *args, **kwargs)
+
+        @property
+        def name(self) -> str:
+            return self.experiment_id
+
+        @property
+        def version(self) -> str:
+            return self.run_id
+
+        @rank_zero_only
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            params = _flatten_dict(_convert_params(params))
+            self.call(_log_batch, params={k: str(v)[:250] for k, v in params.items()})
+
+        @rank_zero_only
+        def log_metrics(self, metrics, step: int | None = None) -> None:
+            clean = {}
+            for k, v in metrics.items():
+                if isinstance(v, str):
+                    log.warning("Discarding metric with string value %s=%s.", k, v)
+                    continue
+                new_k = re.sub("[^a-zA-Z0-9_/. -]+", "", k)
+                if new_k != k:
+                    log.warning("MLflow only allows '_', '/', '.' and ' ' special characters in metric names: "
+                                "%s is logged as %s.", k, new_k)
+                clean[new_k] = float(v)
+            self.call(_log_batch, metrics=clean, step=step or 0, timestamp_ms=int(time.time() * 1000))
+
+        @rank_zero_only
+        def finalize(self, status: str = "success") -> None:
+            self.call(_terminate, {"success": "FINISHED", "failed": "FAILED", "finished": "FINISHED"}.get(
+                status, status))
+
+    return MLflowRun
+
+
+def mlflow_logger(tracking_uri: str, run_id: str, experiment_id: str):
+    """The Lightning logger of the MLflow run ``run_id`` (class ``MLflowRun``): its client lives in the MLflow
+    process (:mod:`llmstages.mlflow_process`), so this process never imports MLflow. ``lg.call(fn, *args)``
+    runs ``fn(client, run_id, *args)`` there."""
+    return _mlflow_run_class()(tracking_uri, run_id, experiment_id)
+
+
+def _is_mlflow(lg) -> bool:
+    return type(lg).__name__ == "MLflowRun"
+
+
+# ---- run in the MLflow process (llmstages.mlflow_process): each takes its MlflowClient first, returns plain data
+
+def _open_run(client, experiment: str, artifacts: str, run_name: str, run_tags: dict[str, str],
+              stage_tags: dict[str, str], parent: tuple[str, str] | None, resume_id: str | None) -> tuple[str, str]:
+    """``(run id, experiment id)`` of the stage's run: ``resume_id`` marked RUNNING again, or a new run named
+    ``run_name`` with ``run_tags`` and MLflow's context tags (user, source), nested under ``parent``."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    exp_id = experiment_id(client, experiment, artifacts)
+    if resume_id:
+        client.update_run(resume_id, status="RUNNING")
+        return resume_id, client.get_run(resume_id).info.experiment_id
+    tags = dict(run_tags)
+    if parent:
+        tags["mlflow.parentRunId"] = parent_run(client, exp_id, *parent, stage_tags)
+    tags["mlflow.runName"] = run_name
+    return client.create_run(exp_id, tags=resolve_tags(tags)).info.run_id, exp_id
+
+
+def _log_batch(client, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+               step: int = 0, timestamp_ms: int = 0) -> None:
+    from mlflow.entities import Metric, Param
+
+    items = [Param(k, v) for k, v in (params or {}).items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+    if metrics:
+        client.log_batch(run_id, metrics=[Metric(k, v, timestamp_ms, step) for k, v in metrics.items()])
+
+
+def _terminate(client, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status)
+
+
+def _set_tag(client, run_id: str, key: str, value: str) -> None:
+    client.set_tag(run_id, key, value)
 
 
 # The columns of MLflow's SQL store that hold artifact locations (MLflow 2.x-3.x schema).
@@ -221,31 +335,38 @@ def mlflow_system_tags(tags: dict[str, str], description: str = "") -> dict[str,
 
 def start_system_metrics(loggers: list, interval_s: float) -> list:
     """Start MLflow's system-metrics sampler (CPU and memory use, GPU where one is present; the run page's
-    System metrics tab) on each MLflow run of ``loggers``, every ``interval_s`` seconds; returns the monitors
-    for :func:`stop_system_metrics`. Nothing where MLflow lacks it (``psutil`` missing)."""
-    import logging
-
-    monitors = []
-    for lg in loggers:
-        if type(lg).__name__ != "MLFlowLogger":
-            continue
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-        except ImportError:
-            return []
-        for name in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.system_metrics.metrics"):
-            logging.getLogger(name).setLevel(logging.WARNING)  # not an INFO line at each start and stop
-        monitor = SystemMetricsMonitor(lg.run_id, sampling_interval=interval_s, resume_logging=True,
-                                       tracking_uri=lg.experiment.tracking_uri)
-        monitor.start()
-        monitors.append(monitor)
-    return monitors
+    System metrics tab) on each MLflow run of ``loggers``, every ``interval_s`` seconds, in the MLflow process;
+    returns those loggers for :func:`stop_system_metrics`. Nothing where MLflow lacks it (``psutil`` missing)."""
+    return [lg for lg in loggers if _is_mlflow(lg) and lg.call(_start_sampler, interval_s)]
 
 
 def stop_system_metrics(monitors: list) -> None:
     """Stop the samplers of :func:`start_system_metrics` (their last samples are written)."""
     while monitors:
-        monitors.pop().finish()
+        monitors.pop().call(_stop_sampler)
+
+
+_SAMPLERS: dict = {}  # in the MLflow process: run id -> MLflow's SystemMetricsMonitor
+
+
+def _start_sampler(client, run_id: str, interval_s: float) -> bool:
+    import logging
+
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:
+        return False
+    for name in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.system_metrics.metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # not an INFO line at each start and stop
+    _SAMPLERS[run_id] = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                             tracking_uri=client.tracking_uri)
+    _SAMPLERS[run_id].start()
+    return True
+
+
+def _stop_sampler(client, run_id: str) -> None:
+    if run_id in _SAMPLERS:
+        _SAMPLERS.pop(run_id).finish()
 
 
 def where_tracked(loggers: list) -> list[str]:
@@ -253,11 +374,8 @@ def where_tracked(loggers: list) -> list[str]:
     lines = []
     for lg in loggers:
         kind = type(lg).__name__
-        if kind == "MLFlowLogger":
-            client = lg.experiment
-            lines.append(f"MLflow run {client.get_run(lg.run_id).info.run_name} in experiment "
-                         f"{client.get_experiment(lg.experiment_id).name!r} "
-                         f"(browse: mlflow ui --backend-store-uri {client.tracking_uri})")
+        if kind == "MLflowRun":
+            lines.append(lg.call(_where, lg.tracking_uri))
         elif kind == "WandbLogger":
             run = lg.experiment
             where = f"offline (upload: wandb sync {Path(run.dir).parent})" if run.offline else run.url
@@ -267,6 +385,12 @@ def where_tracked(loggers: list) -> list[str]:
     return lines
 
 
+def _where(client, run_id: str, shown_uri: str) -> str:
+    run = client.get_run(run_id)
+    return (f"MLflow run {run.info.run_name} in experiment {client.get_experiment(run.info.experiment_id).name!r} "
+            f"(browse: mlflow ui --backend-store-uri {shown_uri})")
+
+
 def run_ids(loggers: list) -> dict[str, str]:
     """``{"mlflow": run id, "wandb": run id, "csv": folder}`` of the tracking runs behind ``loggers`` (for
     resuming them)."""
@@ -274,7 +398,7 @@ def run_ids(loggers: list) -> dict[str, str]:
     for lg in loggers:
         if type(lg).__name__ == "CSVLogger":
             out["csv"] = lg.log_dir
-        if type(lg).__name__ == "MLFlowLogger":
+        if _is_mlflow(lg):
             out["mlflow"] = lg.run_id
         elif type(lg).__name__ == "WandbLogger":
             out["wandb"] = lg.experiment.id  # starts the run: its id is only known then
@@ -331,25 +455,28 @@ def log_datasets(loggers: list, files: dict[str, str]) -> None:
     Dataset column and lineage views): name = file name, digest = the file's MD5 (as DVC records it), source =
     its path as the stage was given it (relative to the project for the pipeline: a copied project's runs name
     its own files), context ``eval`` for a validation split (``*_val*``, ``val.*``), else ``train``."""
+    for lg in loggers:
+        if _is_mlflow(lg) and files:
+            lg.call(_log_datasets, {str(k): v for k, v in files.items()})
+
+
+def _log_datasets(client, run_id: str, files: dict[str, str]) -> None:
     import warnings
 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    for lg in loggers:
-        if type(lg).__name__ != "MLFlowLogger" or not files:
-            continue
-        inputs = []
-        for path, md5 in sorted(files.items()):
-            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(str(path))
-            ds = MetaDataset(source=source, name=Path(path).name, digest=md5[:8])
-            name = Path(path).name
-            context = "eval" if "_val" in name or name.startswith("val.") else "train"
-            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
-        lg.experiment.log_inputs(lg.run_id, datasets=inputs)
+    inputs = []
+    for path, md5 in sorted(files.items()):
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        ds = MetaDataset(source=source, name=Path(path).name, digest=md5[:8])
+        name = Path(path).name
+        context = "eval" if "_val" in name or name.startswith("val.") else "train"
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, register_as: str | None = None) -> None:
@@ -359,38 +486,45 @@ def log_model(loggers: list, stage: str, out_dir: Path, output_md5: str, registe
     relative to the project, the working directory, when ``out_dir`` lies in it, so a copied or moved project's
     models name its own folders). With ``register_as``, also a new version of that registered model (the final
     policy)."""
+    where, project = Path(out_dir).resolve(), Path.cwd().resolve()
+    where = where.relative_to(project) if where.is_relative_to(project) else where
+    files = [str(Path(out_dir, name).resolve()) for name in ("config.json", "meta.json", "metrics.json")
+             if (Path(out_dir) / name).is_file()]
+    for lg in loggers:
+        if _is_mlflow(lg):
+            lg.call(_log_model, stage, where.as_posix(), files, output_md5, register_as)
+
+
+def _log_model(client, run_id: str, stage: str, local_path: str, files: list[str], output_md5: str,
+               register_as: str | None) -> None:
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
     kind = {"reward": "reward-model"}.get(stage, "causal-lm")
-    for lg in loggers:
-        if type(lg).__name__ != "MLFlowLogger":
-            continue
-        client, run = lg.experiment, lg.experiment.get_run(lg.run_id)
-        where, project = Path(out_dir).resolve(), Path.cwd().resolve()
-        where = where.relative_to(project) if where.is_relative_to(project) else where
-        model = client.create_logged_model(run.info.experiment_id, name=stage, source_run_id=lg.run_id,
-                                           model_type=kind, tags={"local_path": where.as_posix(),
-                                                                  "output_md5": output_md5})
-        for name in ("config.json", "meta.json", "metrics.json"):
-            if (Path(out_dir) / name).is_file():
-                client.log_model_artifact(model.model_id, str(Path(out_dir) / name))
-        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
-        client.log_outputs(lg.run_id, [LoggedModelOutput(model.model_id, step=0)])
-        if register_as:
-            if not client.search_registered_models(f"name = '{register_as}'"):
-                client.create_registered_model(register_as, description="The final policy of each llmstages "
-                                               "pipeline run (the rlhf stage's output).")
-            client.create_model_version(register_as, source=model.artifact_location, run_id=lg.run_id,
-                                        model_id=model.model_id, tags={"output_md5": output_md5})
+    model = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=stage, source_run_id=run_id,
+                                       model_type=kind, tags={"local_path": local_path, "output_md5": output_md5})
+    for f in files:
+        client.log_model_artifact(model.model_id, f)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    if register_as:
+        if not client.search_registered_models(f"name = '{register_as}'"):
+            client.create_registered_model(register_as, description="The final policy of each llmstages "
+                                           "pipeline run (the rlhf stage's output).")
+        client.create_model_version(register_as, source=model.artifact_location, run_id=run_id,
+                                    model_id=model.model_id, tags={"output_md5": output_md5})
 
 
 def end_parent_runs(loggers: list, status: str) -> None:
     """Mark the MLflow parent run of each logger's run ``status`` (FINISHED / FAILED) with the current end time."""
     for lg in loggers:
-        if type(lg).__name__ == "MLFlowLogger":
-            parent = lg.experiment.get_run(lg.run_id).data.tags.get("mlflow.parentRunId")
-            if parent:
-                lg.experiment.set_terminated(parent, status)
+        if _is_mlflow(lg):
+            lg.call(_end_parent, status)
+
+
+def _end_parent(client, run_id: str, status: str) -> None:
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    if parent:
+        client.set_terminated(parent, status)
 
 
 def _ensure_sqlite_parent(uri: str) -> None:
@@ -414,16 +548,19 @@ def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path],
             lg.experiment.summary.update(numbers)  # no one-point series: W&B's own place for final values
         else:
             lg.log_metrics({k: v for k, v in numbers.items() if k not in RUN_FACTS})
-        if name == "MLFlowLogger":
-            for key in RUN_FACTS:
-                if key in metrics:
-                    lg.experiment.set_tag(lg.run_id, key, str(metrics[key]))
-            for f in artifacts:
-                if Path(f).exists():
-                    lg.experiment.log_artifact(lg.run_id, str(f))
-            summarize_on_parent(lg.experiment, lg.run_id, stage, metrics)
+        if name == "MLflowRun":
+            facts = {key: str(metrics[key]) for key in RUN_FACTS if key in metrics}
+            lg.call(_summarize, stage, metrics, facts, [str(Path(f).resolve()) for f in artifacts if Path(f).exists()])
         lg.finalize("success")
     end_parent_runs(loggers, "FINISHED")
+
+
+def _summarize(client, run_id: str, stage: str, metrics: dict, facts: dict[str, str], files: list[str]) -> None:
+    for key, value in facts.items():
+        client.set_tag(run_id, key, value)
+    for f in files:
+        client.log_artifact(run_id, f)
+    summarize_on_parent(client, run_id, stage, metrics)
 
 
 def log_lineage(loggers: list, tags: dict[str, str]) -> None:
@@ -438,8 +575,8 @@ def tag_output(loggers: list, output_md5: str) -> None:
     """Record the combined MD5 of the stage output (what a downstream stage finds as its input,
     :func:`lineage_tags`): MLflow tag ``output_md5``, W&B config key ``lineage/output_md5``."""
     for lg in loggers:
-        if type(lg).__name__ == "MLFlowLogger":
-            lg.experiment.set_tag(lg.run_id, "output_md5", output_md5)
+        if _is_mlflow(lg):
+            lg.call(_set_tag, "output_md5", output_md5)
         elif type(lg).__name__ == "WandbLogger":
             lg.experiment.config.update({"lineage/output_md5": output_md5}, allow_val_change=True)
 
@@ -451,11 +588,14 @@ def log_table(loggers: list, name: str, rows: list[dict]) -> None:
         return
     cols = list(rows[0])
     for lg in loggers:
-        if type(lg).__name__ == "MLFlowLogger":
-            lg.experiment.log_table(lg.run_id, data={c: [r[c] for r in rows] for c in cols},
-                                    artifact_file=f"{name}.json")
+        if _is_mlflow(lg):
+            lg.call(_log_table, {c: [r[c] for r in rows] for c in cols}, f"{name}.json")
         elif type(lg).__name__ == "WandbLogger":
             lg.log_table(key=name, columns=cols, data=[[r[c] for c in cols] for r in rows])
+
+
+def _log_table(client, run_id: str, data: dict[str, list], artifact_file: str) -> None:
+    client.log_table(run_id, data=data, artifact_file=artifact_file)
 
 
 def logged_steps(lg, curves_dir: str | Path) -> dict[str, int] | None:
@@ -466,10 +606,8 @@ def logged_steps(lg, curves_dir: str | Path) -> dict[str, int] | None:
 
     last: dict[str, int] = {}
     kind = type(lg).__name__
-    if kind == "MLFlowLogger":
-        client, run_id = lg.experiment, lg.run_id
-        for key in client.get_run(run_id).data.metrics:
-            last[key] = max(m.step for m in client.get_metric_history(run_id, key))
+    if kind == "MLflowRun":
+        last = lg.call(_last_steps)
     elif kind == "CSVLogger":
         f = Path(lg.log_dir) / "metrics.csv"
         for r in csv.DictReader(f.read_text(encoding="utf-8").splitlines()) if f.is_file() else []:
@@ -486,6 +624,11 @@ def logged_steps(lg, curves_dir: str | Path) -> dict[str, int] | None:
     else:
         return None
     return last
+
+
+def _last_steps(client, run_id: str) -> dict[str, int]:
+    return {key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in client.get_run(run_id).data.metrics}
 
 
 def skip_logged_steps(loggers: list, curves_dir: str | Path) -> None:

@@ -95,11 +95,13 @@ def fail_open_stages() -> None:
     """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
     while _OPEN:
         stage = _OPEN.pop()
-        stop_system_metrics(stage.monitors)
-        loggers = stage.loggers
-        for lg in loggers:
-            lg.finalize("failed")
-        end_parent_runs(loggers, "FAILED")
+        try:
+            stop_system_metrics(stage.monitors)
+            for lg in stage.loggers:
+                lg.finalize("failed")
+            end_parent_runs(stage.loggers, "FAILED")
+        except Exception as err:  # noqa: BLE001  (the error that failed the stage is the one to report)
+            log.warning("%s: could not mark the tracking runs failed: %s", stage.name, err)
 
 class Stage:
     """Plumbing of one stage run: loggers, Trainer with resumable checkpoints, metrics and outputs.
