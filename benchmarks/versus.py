@@ -111,6 +111,11 @@ def matched_d_ff(d: int) -> int:
 
 def contenders(preset: str, device: str, compile_: bool) -> dict:
     """``{name: (loss_fn(x, y) -> scalar, model)}`` for each contender, fresh weights, on ``device``."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        sys.exit("benchmarks/versus.py compares against transformers' Llama, which is not installed: "
+                 "pip install -e '.[hf]'")
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 

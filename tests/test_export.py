@@ -294,3 +294,19 @@ def test_bad_exports_and_imports_fail_in_one_line_naming_the_file(tiny_run, tmp_
     (hf / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights"):
         import_hf(hf)
+
+
+def test_export_and_import_without_transformers_name_the_extra(tiny_run, tmp_path, monkeypatch):
+    """transformers is in the ``hf`` extra: where it is missing, export and import fail in one line that says how
+    to install it, and nothing is written."""
+    import sys
+
+    from llmstages.export import export_hf, import_hf
+
+    work, _ = tiny_run
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (importlib finds no spec)
+    with pytest.raises(ValueError, match=r"export needs Hugging Face transformers.*pip install 'llmstages\[hf\]'"):
+        export_hf(work / "outputs/sft", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(ValueError, match=r"needs Hugging Face transformers.*llmstages\[hf\]"):
+        import_hf(tmp_path)

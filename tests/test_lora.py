@@ -115,3 +115,17 @@ def test_exported_adapter_loads_in_peft_on_the_exported_base_model(tiny_run, tmp
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in weights} == {f.name: oct(0o666 & ~umask) for f in weights}
     export_hf(base_dir, tmp_path / "hf-sft")  # the same folder again, from an output without LoRA
     assert not (tmp_path / "hf-sft/adapter").exists()  # no adapter left that is not this model's
+
+
+def test_lora_without_peft_is_a_config_error_that_names_the_extra(monkeypatch):
+    """peft is in the ``hf`` extra: a run with LoRA on, where it is missing, stops before training and says how to
+    install it; composing params.yaml for another machine is not refused."""
+    import sys
+
+    from llmstages.config import ConfigError, validate
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed (importlib finds no spec)
+    cfg = compose("sft", [*TINY["sft"], *LORA])
+    with pytest.raises(ConfigError, match=r"lora\.r.*needs peft.*pip install 'llmstages\[hf\]'"):
+        validate("sft", cfg, "test", runs_here=True)
+    validate("sft", cfg, "test", runs_here=False)

@@ -450,7 +450,7 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
     if "probes" in cfg and cfg.probes.max_new_tokens < 1:
         bad("probes.max_new_tokens", f"expected at least 1, got {cfg.probes.max_new_tokens} "
             "(to skip the probes, set probes.prompts=[])")
-    for key, msg in check_lora(cfg.lora) if "lora" in cfg else []:
+    for key, msg in check_lora(cfg.lora, runs_here) if "lora" in cfg else []:
         bad(key, msg)
     for key in ("batch_size", "max_len", "seq_len"):
         if key in cfg and cfg[key] <= 0:

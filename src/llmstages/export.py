@@ -71,6 +71,19 @@ def is_reward_model(path: str | Path) -> bool:
     return (path / "meta.json").is_file() and read_json(path / "meta.json").get("stage") == "reward"
 
 
+def require_transformers(what: str) -> None:
+    """Raise a clear error when Hugging Face ``transformers`` (the ``hf`` extra) is not installed.
+
+    Raises:
+        ValueError: naming ``what`` needs it and how to install it.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError(f"{what} needs Hugging Face transformers, which is not installed: "
+                         "pip install 'llmstages[hf]'")
+
+
 def llama_config(cfg: GPTConfig, tok: ChatTokenizer, reward: bool = False):
     """The ``transformers.LlamaConfig`` of our architecture ``cfg`` with ``tok``'s special tokens; ``reward``:
     a one-label sequence classifier."""
@@ -139,6 +152,7 @@ def export_hf(output: str | Path, folder: str | Path) -> Path:
             ``output`` is broken (see :func:`~llmstages.checkpoint.load_output`), or a reward head has a
             non-zero bias (it has no place in Llama's score head).
     """
+    require_transformers("export")
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     output, folder = Path(output), Path(folder)
@@ -235,6 +249,7 @@ def import_hf(folder: str | Path, with_head: bool = False) -> tuple[GPT, ScalarH
         ValueError: an architecture other than Llama's, or a Llama variant our model does not have (grouped-query
             attention, biases, rope scaling, another activation); the message names the config key.
     """
+    require_transformers(f"loading the Hugging Face model {folder}")
     from transformers import AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from transformers.utils import logging as hf_logging

@@ -45,11 +45,17 @@ class LoRA:
         return asdict(self)
 
 
-def check_lora(lora) -> list[tuple[str, str]]:
-    """Problems ``(key, message)`` with the ``lora`` settings (``r``, ``alpha``, ``dropout``, ``target_modules``)."""
+def check_lora(lora, runs_here: bool = False) -> list[tuple[str, str]]:
+    """Problems ``(key, message)`` with the ``lora`` settings (``r``, ``alpha``, ``dropout``, ``target_modules``);
+    ``runs_here``: also that ``peft`` (the ``hf`` extra) is installed when LoRA is on."""
+    import importlib.util
+
     problems = []
     if lora.r < 0:
         problems.append(("lora.r", f"must be >= 0 (0: off), got {lora.r}"))
+    elif lora.r > 0 and runs_here and importlib.util.find_spec("peft") is None:
+        problems.append(("lora.r", f"LoRA (r={lora.r}) needs peft, which is not installed: "
+                                   "pip install 'llmstages[hf]'"))
     if lora.alpha <= 0:
         problems.append(("lora.alpha", f"must be > 0, got {lora.alpha}"))
     if not 0 <= lora.dropout < 1:
