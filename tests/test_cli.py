@@ -283,6 +283,46 @@ def test_kill_and_resume(tiny_run, tmp_path):
         "The capital of France is", "What's 2 + 2?", "Explain gravity to a 5-year-old."]
 
 
+def test_ctrl_c_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tmp_path):
+    """Ctrl-C before the first checkpoint: the stage says that the same command starts again from step 0 (one
+    checkpoint every N steps), its MLflow run is FAILED, and its MLflow process (llmstages.mlflow_process, in a
+    session of its own, so the terminal's Ctrl-C does not reach it) ends with it."""
+    import mlflow
+
+    work, _ = tiny_run
+    args = ["pretrain", f"data_dir={work}/outputs/data", "out_dir=outputs/pt", "model=tiny", "batch_size=8",
+            "seq_len=64", "trainer.max_steps=5000", "trainer.checkpoint_every_n_steps=1000",
+            "trainer.enable_progress_bar=false", "trainer.precision=32-true"]
+    env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=err, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "tracked as MLflow run" not in (tmp_path / "stderr.txt").read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # into the training steps
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    log = (tmp_path / "stderr.txt").read_text()
+    assert "pretrain: stopped. No checkpoint was written yet (one every 1000 steps): the same command starts " \
+           "again from step 0." in log, log[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    (run_,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'pretrain'")
+    assert run_.info.status == "FAILED"
+    deadline = time.time() + 15
+    while time.time() < deadline and (left := [c for c in Path("/proc").glob("[0-9]*/cmdline") if _reads(c, tmp_path)]):
+        time.sleep(0.2)
+    assert not left, "an llmstages.mlflow_process of this run outlived it"
+
+
+def _reads(cmdline: Path, where: Path) -> bool:
+    """Whether the process of ``/proc/<pid>/cmdline`` is an MLflow process for a store under ``where``."""
+    try:
+        text = cmdline.read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return "llmstages.mlflow_process" in text and str(where) in text
+
+
 def test_a_stage_goes_on_when_the_reader_of_its_output_goes_away(tiny_run, tmp_path):
     """``llmstages reward ... | head -2``: once the reader has gone, writes to stdout would raise BrokenPipeError
     (log lines, and Rich's progress bar, whose default exits with 1 and loses the stage's work). The stage goes on

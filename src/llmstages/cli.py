@@ -85,7 +85,7 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     except BaseException as err:
         from .stages.stage import fail_open_stages
 
-        fail_open_stages()
+        fail_open_stages(interrupted=isinstance(err, (KeyboardInterrupt, SystemExit)))
         if isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)) and not os.environ.get("LLMSTAGES_DEBUG"):
             # Bad input (a file, a value): the message names it; no traceback wall (LLMSTAGES_DEBUG=1 shows it).
             sys.exit(f"llmstages {stage}: error: {err}")

@@ -91,10 +91,18 @@ DATA_FILES = {"pretrain": ("train.bin", "val.bin"), "sft": ("sft_train.jsonl", "
 _OPEN: list["Stage"] = []  # stages started in this process and not finished (their tracking runs are open)
 
 
-def fail_open_stages() -> None:
-    """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises)."""
+def fail_open_stages(interrupted: bool = False) -> None:
+    """Mark the tracking runs of unfinished stages as failed (called by the CLI when a stage raises);
+    ``interrupted`` (Ctrl-C, SIGTERM): also say what a rerun of the same command will do, resume from the last
+    checkpoint or, where none was written yet, start again from step 0."""
     while _OPEN:
         stage = _OPEN.pop()
+        if interrupted and stage.rank_zero and "trainer" in stage.cfg:
+            last = stage.ckpt_dir / "last.ckpt"
+            every = stage.cfg.trainer.checkpoint_every_n_steps
+            log.warning("%s: stopped. %s", stage.name, f"The same command resumes from the last checkpoint ({last})."
+                        if last.is_file() else f"No checkpoint was written yet (one every {every} steps): the same "
+                        "command starts again from step 0.")
         try:
             stop_system_metrics(stage.monitors)
             for lg in stage.loggers:
