@@ -28,6 +28,11 @@ and each training stage's start-up and shut-down.
    this process, ``--runs`` rounds interleaved: :meth:`llmstages.model.GPT.from_weights` (what
    ``load_output`` and the Hugging Face import do: modules on the meta device, tensors assigned) against building
    the model with its random initialisation and copying the weights in (what they did before). INFO, no check.
+6. Logging one training step's metrics (10 values) to MLflow through the MLflow process
+   (:mod:`llmstages.mlflow_process`), a temporary SQLite store, ``--log-points`` points each way, interleaved: the
+   time the stage waits per point when it waits for the store's write (``call``, how every point was logged
+   before) against posting it (``post``, how :class:`MLflowRun` logs now), and the time for the posted points
+   to be in the store. INFO, no check.
 
 Subprocesses get the venv's ``bin`` first on ``PATH`` (``llmstages``, ``dvc``), as the tests' ``sh`` helper does.
 
@@ -304,6 +309,34 @@ def bench_load(rounds: int) -> None:
     row("saved per load", f"{before - after:.2f} s ({before / after:.0f}x); same logits: {same}")
 
 
+# --------------------------------------------------------------------------- 6. logging a step's metrics
+def bench_logging(points: int) -> None:
+    """Section 6 of the module docstring: one step's metrics to MLflow, waiting for the write or posting it."""
+    from llmstages import mlflow_process
+    from llmstages.tracking import _log_batch, _open_run
+
+    print(f"logging a training step's metrics to MLflow (10 values, {points} points each way, interleaved)")
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        t0 = time.perf_counter()
+        run_id, _ = mlflow_process.call(uri, _open_run, "bench", f"{tmp}/artifacts", "bench", {}, {}, None, None)
+        row("MLflow process ready, store made, run opened", f"{time.perf_counter() - t0:.2f} s")
+        waits: dict[str, list[float]] = {"call: wait for the write (before)": [], "post (now)": []}
+        for step in range(points):
+            metrics = {f"train/m{i}": float(step + i) for i in range(10)}
+            for name, send in zip(waits, (mlflow_process.call, mlflow_process.post)):
+                t0 = time.perf_counter()
+                send(uri, _log_batch, run_id, metrics=metrics, step=step, timestamp_ms=int(time.time() * 1000))
+                waits[name].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        mlflow_process.call(uri, _log_batch, run_id)  # waits for every posted point
+        drained = time.perf_counter() - t0
+        mlflow_process.stop()
+    for name, ts in waits.items():
+        row(f"{name}, per point", f"median {statistics.median(ts) * 1e3:.2f} ms, best {min(ts) * 1e3:.2f} ms")
+    row("posted points left to write after the last", f"{drained * 1e3:.0f} ms (then all in the store)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="timed runs of --help, compose and params (default 5)")
@@ -315,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for `llmstages params +experiment=tiny` when making the project "
                          "(repeatable), e.g. pretrain.trainer.precision=32-true")
+    ap.add_argument("--log-points", type=int, default=50, help="MLflow points logged each way (default 50)")
     ap.add_argument("--compose-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.runs < 1 or args.dvc_runs < 1:
@@ -331,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_compose(args.runs)
     print()
     bench_load(args.runs)
+    print()
+    bench_logging(args.log_points)
     if not args.skip_dvc:
         print()
         folder = args.dir.resolve() if args.dir else None

@@ -61,9 +61,58 @@ def test_errors_come_back_a_builtin_one_as_itself(process_for_tests, tmp_path):
     call, uri = process_for_tests.call, f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(ValueError, match="a value at fault"):
         call(uri, fail_with, "value")
-    with pytest.raises(process_for_tests.MlflowProcessError, match="MlflowException.*no-such-run"):
+    with pytest.raises(process_for_tests.MlflowProcessError, match="MlflowException.*no-such-run") as err:
         call(uri, fail_with, "mlflow")
+    assert "\n" not in str(err.value) and str(err.value).endswith(f"(tracking URI {uri})")
+    assert "Traceback" in err.value.details
     assert call(uri, folder_and_env, "HOME")[1] == os.environ.get("HOME")  # still serving after both
+
+
+def test_a_posted_call_runs_in_order_and_its_failure_is_a_warning(capfd, process_for_tests, tmp_path):
+    """post() does not wait; what it sends runs before a later call(). A posted call that fails (the metrics of
+    a training step, say, on a locked store) writes one warning line and the stage goes on."""
+    from llmstages.tracking import _set_tag
+
+    mp, uri = process_for_tests, f"sqlite:///{tmp_path}/mlflow.db"
+    mp.stop()
+    mp.start()  # its stderr: the one capfd reads
+    run_id = mp.call(uri, make_run)
+    mp.post(uri, _set_tag, run_id, "posted", "yes")
+    assert mp.call(uri, tags_of, run_id)["posted"] == "yes"
+    mp.post(uri, fail_with, "mlflow")
+    mp.post(uri, _set_tag, run_id, "after", "yes")  # runs after the failed one
+    assert mp.call(uri, tags_of, run_id)["after"] == "yes"
+    (line,) = [ln for ln in capfd.readouterr().err.splitlines() if "warning: MLflow" in ln]
+    assert line.startswith("llmstages: warning: MLflow failed in fail_with (the stage goes on without what it "
+                           "logged): MlflowException:") and f"(tracking URI {uri})" in line
+
+
+def test_a_call_interrupted_before_its_answer_leaves_none_for_the_next(process_for_tests, tmp_path):
+    """Ctrl-C while the stage waits for an answer: the answer comes later, and the next call must not take it
+    for its own."""
+    import signal
+    import threading
+
+    mp, uri = process_for_tests, f"sqlite:///{tmp_path}/mlflow.db"
+    threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,)).start()
+    with pytest.raises(KeyboardInterrupt):
+        mp.call(uri, sleep_then, 1.5, "slow")
+    assert mp.call(uri, sleep_then, 0.0, "next") == "next"
+
+
+def sleep_then(client, seconds: float, value: str) -> str:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def make_run(client) -> str:
+    return client.create_run(client.create_experiment("posted")).info.run_id
+
+
+def tags_of(client, run_id: str) -> dict[str, str]:
+    return dict(client.get_run(run_id).data.tags)
 
 
 def test_the_mlflow_logger_logs_as_lightnings_does(tmp_path, monkeypatch):

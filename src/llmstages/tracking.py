@@ -182,7 +182,8 @@ def _mlflow_run_class() -> type:
     class MLflowRun(Logger):
         """Lightning logger of one MLflow run, as Lightning's ``MLFlowLogger`` logs (parameters cut to 250
         characters, in batches of 100; metric names without characters other than letters, digits, ``_/.-``
-        and space; a point without a step at step 0), through the MLflow process."""
+        and space; a point without a step at step 0), through the MLflow process. Parameters and metrics are
+        posted (the step goes on while the store writes them); :meth:`finalize` waits for all of it."""
 
         def __init__(self, tracking_uri: str, run_id: str, experiment_id: str) -> None:
             super().__init__()
@@ -191,6 +192,10 @@ def _mlflow_run_class() -> type:
         def call(self, fn, *args, **kwargs):
             """``fn(client, run_id, *args, **kwargs)`` in the MLflow process (see :func:`mlflow_process.call`)."""
             return mlflow_process.call(absolute_uri(self.tracking_uri), fn, self.run_id, *args, **kwargs)
+
+        def post(self, fn, *args, **kwargs) -> None:
+            """:meth:`call` without waiting for it (see :func:`mlflow_process.post`)."""
+            mlflow_process.post(absolute_uri(self.tracking_uri), fn, self.run_id, *args, **kwargs)
 
         @property
         def name(self) -> str:
@@ -203,7 +208,7 @@ def _mlflow_run_class() -> type:
         @rank_zero_only
         def log_hyperparams(self, params, *args, **kwargs) -> None:
             params = _flatten_dict(_convert_params(params))
-            self.call(_log_batch, params={k: str(v)[:250] for k, v in params.items()})
+            self.post(_log_batch, params={k: str(v)[:250] for k, v in params.items()})
 
         @rank_zero_only
         def log_metrics(self, metrics, step: int | None = None) -> None:
@@ -217,7 +222,7 @@ def _mlflow_run_class() -> type:
                     log.warning("MLflow only allows '_', '/', '.' and ' ' special characters in metric names: "
                                 "%s is logged as %s.", k, new_k)
                 clean[new_k] = float(v)
-            self.call(_log_batch, metrics=clean, step=step or 0, timestamp_ms=int(time.time() * 1000))
+            self.post(_log_batch, metrics=clean, step=step or 0, timestamp_ms=int(time.time() * 1000))
 
         @rank_zero_only
         def finalize(self, status: str = "success") -> None:
@@ -528,8 +533,18 @@ def _end_parent(client, run_id: str, status: str) -> None:
 
 
 def _ensure_sqlite_parent(uri: str) -> None:
+    """Make the folder of a ``sqlite:///`` store.
+
+    Raises:
+        ValueError: naming ``logger.mlflow_tracking_uri`` when the folder cannot be made.
+    """
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"logger.mlflow_tracking_uri={uri}: cannot make its folder {folder}: "
+                             f"{err.strerror or err}") from None
 
 
 #: numbers of a stage's metrics.json that describe the run rather than measure the model: MLflow tags, not metrics
