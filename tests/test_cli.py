@@ -231,6 +231,15 @@ def test_generate_refuses_bad_sampling_values(tmp_path, args, message):
     assert p.returncode == 2 and p.stderr.strip().endswith(message) and "Traceback" not in p.stderr
 
 
+def test_generate_says_a_model_folder_is_not_a_prompt(tiny_run):
+    """``llmstages generate outputs/rlhf "..."`` (the model as ``chat`` takes it) used to answer the path as a
+    prompt; it names the option instead."""
+    work, _ = tiny_run
+    p = run(["generate", "outputs/rlhf", "What's 2 + 2?"], work, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1] == (
+        "llmstages generate: 'outputs/rlhf' is a model folder, not a prompt; pass it as --model outputs/rlhf")
+
+
 def test_kill_and_resume(tiny_run, tmp_path):
     """A pretrain killed mid-run and started again resumes from its last checkpoint, finishes the steps, and
     continues the same tracking runs: one MLflow run with the loss curve from both halves, one W&B run id."""
@@ -283,10 +292,12 @@ def test_kill_and_resume(tiny_run, tmp_path):
         "The capital of France is", "What's 2 + 2?", "Explain gravity to a 5-year-old."]
 
 
-def test_ctrl_c_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tmp_path):
-    """Ctrl-C before the first checkpoint: the stage says that the same command starts again from step 0 (one
-    checkpoint every N steps), its MLflow run is FAILED, and its MLflow process (llmstages.mlflow_process, in a
-    session of its own, so the terminal's Ctrl-C does not reach it) ends with it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tmp_path, sig):
+    """Ctrl-C (or SIGTERM) before the first checkpoint: the stage exits non-zero (Lightning's SIGTERM stop is
+    SystemExit(None), exit 0, without llmstages' care), says that the same command starts again from step 0
+    (one checkpoint every N steps), its MLflow run is FAILED, and its MLflow process (llmstages.mlflow_process,
+    in a session of its own, so the terminal's Ctrl-C does not reach it) ends with it."""
     import mlflow
 
     work, _ = tiny_run
@@ -300,9 +311,10 @@ def test_ctrl_c_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tm
         while "tracked as MLflow run" not in (tmp_path / "stderr.txt").read_text() and time.time() < deadline:
             time.sleep(0.2)
         time.sleep(3)  # into the training steps
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         assert proc.wait(timeout=120) != 0
     log = (tmp_path / "stderr.txt").read_text()
+    assert sig == signal.SIGINT or log.strip().splitlines()[-1] == "llmstages pretrain: stopped by SIGTERM"
     assert "pretrain: stopped. No checkpoint was written yet (one every 1000 steps): the same command starts " \
            "again from step 0." in log, log[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")
@@ -314,6 +326,26 @@ def test_ctrl_c_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tm
     assert not left, "an llmstages.mlflow_process of this run outlived it"
 
 
+def test_tracking_store_errors_are_one_line_naming_the_key(tiny_run, tmp_path):
+    """A tracking URI MLflow refuses stops the stage with one line naming logger.mlflow_tracking_uri (not the
+    MLflow process's traceback); an empty one is refused before anything runs (MLflow would make ./mlflow.db)."""
+    work, _ = tiny_run
+    base = ["reward", f"init_from={work}/outputs/sft", f"data_dir={work}/outputs/data", *TINY["reward"],
+            "trainer.max_steps=2", "out_dir=outputs/rw"]
+    p = run([*base, "logger.mlflow_tracking_uri=bogus://nowhere"], tmp_path, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("llmstages reward: MLflow error (logger.mlflow_tracking_uri): ")
+    assert "bogus://nowhere" in last and "Traceback" not in p.stderr
+    p = run([*base, "logger.mlflow_tracking_uri="], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].endswith(
+        "logger.mlflow_tracking_uri: expected a tracking URI such as sqlite:///outputs/mlflow.db, got ''")
+    assert not (tmp_path / "mlflow.db").exists()
+    p = run([*base, "logger.mlflow_tracking_uri=sqlite:////proc/nope/mlflow.db"], tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith(
+        "llmstages reward: error: logger.mlflow_tracking_uri=sqlite:////proc/nope/mlflow.db: cannot make its "
+        "folder /proc/nope: ")
+
+
 def _reads(cmdline: Path, where: Path) -> bool:
     """Whether the process of ``/proc/<pid>/cmdline`` is an MLflow process for a store under ``where``."""
     try:
@@ -323,10 +355,11 @@ def _reads(cmdline: Path, where: Path) -> bool:
     return "llmstages.mlflow_process" in text and str(where) in text
 
 
-def test_a_stage_goes_on_when_the_reader_of_its_output_goes_away(tiny_run, tmp_path):
-    """``llmstages reward ... | head -2``: once the reader has gone, writes to stdout would raise BrokenPipeError
-    (log lines, and Rich's progress bar, whose default exits with 1 and loses the stage's work). The stage goes on
-    without printing: exit 0, its output written, its MLflow run FINISHED."""
+@pytest.mark.parametrize("both", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_a_stage_goes_on_when_the_reader_of_its_output_goes_away(tiny_run, tmp_path, both):
+    """``llmstages reward ... | head -2`` (and ``2>&1 | head -2``): once the reader has gone, writes would raise
+    BrokenPipeError (log lines, and Rich's progress bar and metrics table, whose default exits with 1 and loses
+    the stage's work). The stage goes on without printing: exit 0, its output written, its MLflow run FINISHED."""
     import mlflow
 
     work, _ = tiny_run
@@ -334,7 +367,8 @@ def test_a_stage_goes_on_when_the_reader_of_its_output_goes_away(tiny_run, tmp_p
             "trainer.max_steps=2", "trainer.enable_progress_bar=true", "out_dir=outputs/rw"]
     env = {**os.environ, "LLMSTAGES_CONF": str(ROOT / "conf")}
     with open(tmp_path / "stderr.txt", "w") as err:
-        p = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err)
+        p = subprocess.Popen([LLMSTAGES, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT if both else err)
         p.stdout.close()  # the reader goes away before the first line
         assert p.wait(timeout=600) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
     stderr = (tmp_path / "stderr.txt").read_text()

@@ -305,8 +305,8 @@ def test_export_and_import_without_transformers_name_the_extra(tiny_run, tmp_pat
 
     work, _ = tiny_run
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed (importlib finds no spec)
-    with pytest.raises(ValueError, match=r"export needs Hugging Face transformers.*pip install 'llmstages\[hf\]'"):
+    with pytest.raises(ValueError, match=r"export needs Hugging Face transformers.*pip install -e '\.\[hf\]' in the llmstages folder"):
         export_hf(work / "outputs/sft", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    with pytest.raises(ValueError, match=r"needs Hugging Face transformers.*llmstages\[hf\]"):
+    with pytest.raises(ValueError, match=r"needs Hugging Face transformers.*\.\[hf\]"):
         import_hf(tmp_path)

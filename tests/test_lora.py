@@ -126,6 +126,6 @@ def test_lora_without_peft_is_a_config_error_that_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed (importlib finds no spec)
     cfg = compose("sft", [*TINY["sft"], *LORA])
-    with pytest.raises(ConfigError, match=r"lora\.r.*needs peft.*pip install 'llmstages\[hf\]'"):
+    with pytest.raises(ConfigError, match=r"lora\.r.*needs peft.*pip install -e '\.\[hf\]' in the llmstages folder"):
         validate("sft", cfg, "test", runs_here=True)
     validate("sft", cfg, "test", runs_here=False)

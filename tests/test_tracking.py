@@ -241,7 +241,8 @@ def test_compare_lineage_traces_each_row_to_its_run(tiny_run):
     client = MlflowClient(uri)
     run = client.get_run(row["run_id"])
     lineage = json.loads(open(client.download_artifacts(row["run_id"], "lineage.json")).read())
-    assert row["git_commit"] == run.data.tags["git_commit"] and row["git_dirty"] in ("True", "False")
+    assert row["git_commit"] == run.data.tags["git_commit"] and row["git_dirty"] == run.data.tags["git_dirty"] \
+        == ("unknown" if row["git_commit"] == "unknown" else row["git_dirty"]) in ("True", "False", "unknown")
     assert row["inputs_md5"] == combined_md5(lineage["inputs"]) == run.data.tags["inputs_md5"]
     upstream = {client.get_run(i).data.tags["stage"] for i in row["upstream_run_id"].split(",")}
     assert upstream == {"data", "pretrain"}

@@ -85,10 +85,17 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     except BaseException as err:
         from .stages.stage import fail_open_stages
 
+        from .mlflow_process import MlflowProcessError
+
         fail_open_stages(interrupted=isinstance(err, (KeyboardInterrupt, SystemExit)))
-        if isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)) and not os.environ.get("LLMSTAGES_DEBUG"):
-            # Bad input (a file, a value): the message names it; no traceback wall (LLMSTAGES_DEBUG=1 shows it).
-            sys.exit(f"llmstages {stage}: error: {err}")
+        if type(err).__name__ == "SIGTERMException":  # Lightning's stop on SIGTERM: SystemExit(None), exit 0
+            sys.exit(f"llmstages {stage}: stopped by SIGTERM")
+        if not os.environ.get("LLMSTAGES_DEBUG"):  # LLMSTAGES_DEBUG=1 shows the traceback
+            if isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)):
+                # Bad input (a file, a value): the message names it; no traceback wall.
+                sys.exit(f"llmstages {stage}: error: {err}")
+            if isinstance(err, MlflowProcessError):  # the store (logger.mlflow_tracking_uri) refused
+                sys.exit(f"llmstages {stage}: MLflow error (logger.mlflow_tracking_uri): {err}")
         raise
     from .runtime import is_rank_zero
 
@@ -103,6 +110,14 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
     for k, v in metrics.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console = Console(stderr=True)
+
+    def on_broken_pipe() -> None:  # Rich's own exits with 1 (`llmstages sft 2>&1 | head`): the work is done
+        from .runtime import discard_output
+
+        console.quiet = True
+        discard_output("stderr")
+
+    console.on_broken_pipe = on_broken_pipe
     console.print(table)
     console.print(f"written to {out / 'metrics.json'}", soft_wrap=True, highlight=False)  # one line, any width
     return metrics
@@ -478,8 +493,16 @@ def exit_without_teardown(code: int) -> NoReturn:
 def entry() -> NoReturn:
     """The ``llmstages`` console script and ``python -m llmstages.cli``: :func:`main`, then
     :func:`exit_without_teardown` with its exit code. An error (``SystemExit`` with a message, an exception)
-    leaves through the interpreter's normal exit."""
-    exit_without_teardown(main())
+    leaves through the interpreter's normal exit; Ctrl-C (where Lightning does not catch it: during start-up)
+    is one line and exit status 130, its traceback only with ``LLMSTAGES_DEBUG=1``."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        if os.environ.get("LLMSTAGES_DEBUG"):
+            raise
+        print("llmstages: interrupted", file=sys.stderr)
+        code = 130
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":

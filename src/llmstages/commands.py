@@ -46,6 +46,10 @@ def generate_cmd(argv: list[str]) -> int:
                         help="nucleus mass in (0, 1]; 1 = off (default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for p in args.prompt:  # `llmstages generate outputs/rlhf "..."` (as `llmstages chat outputs/rlhf` takes it)
+        if "\n" not in p and len(p) < 4096 and Path(p).is_dir() and any(
+                (Path(p) / f).is_file() for f in ("config.json", "meta.json", "model.safetensors")):
+            sys.exit(f"llmstages generate: {p!r} is a model folder, not a prompt; pass it as --model {p}")
     models = args.model or [f"outputs/{s}" for s in ("pretrain", "sft", "rlhf") if Path(f"outputs/{s}").is_dir()]
     if not models:
         sys.exit("llmstages generate: no stage output found under outputs/; run `dvc repro` or pass --model DIR")

@@ -470,6 +470,10 @@ def _check_values(stage: str, cfg: DictConfig, source: str, runs_here: bool) -> 
         for b in cfg.logger.backends:
             if b not in BACKENDS:
                 bad("logger.backends", f"unknown backend {b!r}; expected one of {', '.join(BACKENDS)}")
+        uri = str(cfg.logger.mlflow_tracking_uri or "")
+        if "mlflow" in cfg.logger.backends and not uri.strip():  # MLflow would make ./mlflow.db
+            bad("logger.mlflow_tracking_uri", f"expected a tracking URI such as sqlite:///outputs/mlflow.db, got "
+                                              f"{uri!r}")
     if stage == "sft":  # rlhf checks the same keys below, among its own
         if cfg.eval_max_new_tokens <= 0:
             bad("eval_max_new_tokens", f"must be > 0, got {cfg.eval_max_new_tokens}")

@@ -81,7 +81,7 @@ def require_transformers(what: str) -> None:
 
     if importlib.util.find_spec("transformers") is None:
         raise ValueError(f"{what} needs Hugging Face transformers, which is not installed: "
-                         "pip install 'llmstages[hf]'")
+                         "pip install -e '.[hf]' in the llmstages folder")
 
 
 def llama_config(cfg: GPTConfig, tok: ChatTokenizer, reward: bool = False):

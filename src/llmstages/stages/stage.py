@@ -129,7 +129,8 @@ class Stage:
         keep_freed_host_memory()
         self.pipeline_run = pipeline_run_id()
         commit, dirty = git_commit()
-        self.tags = {"stage": name, "pipeline_run": self.pipeline_run, "git_commit": commit, "git_dirty": str(dirty)}
+        self.tags = {"stage": name, "pipeline_run": self.pipeline_run, "git_commit": commit,
+                     "git_dirty": str(dirty) if commit != "unknown" else "unknown"}  # no repo: nothing to be dirty
         env_tags = {"dvc_exp_name": "DVC_EXP_NAME", "sweep": "LLMSTAGES_SWEEP", "sweep_job": "LLMSTAGES_SWEEP_JOB"}
         self.tags.update({k: os.environ[v] for k, v in env_tags.items() if os.environ.get(v)})
         key = config_hash(cfg, *inputs)
