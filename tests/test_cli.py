@@ -294,8 +294,8 @@ def test_kill_and_resume(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stop_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tmp_path, sig):
-    """Ctrl-C (or SIGTERM) before the first checkpoint: the stage exits non-zero (Lightning's SIGTERM stop is
-    SystemExit(None), exit 0, without llmstages' care), says that the same command starts again from step 0
+    """Ctrl-C (or SIGTERM) before the first checkpoint: the stage says so in its last line and exits 130 (143;
+    Lightning's own stops exit 1 without a word, and 0 for SIGTERM), says that the same command starts again from step 0
     (one checkpoint every N steps), its MLflow run is FAILED, and its MLflow process (llmstages.mlflow_process,
     in a session of its own, so the terminal's Ctrl-C does not reach it) ends with it."""
     import mlflow
@@ -312,9 +312,10 @@ def test_a_stop_says_what_a_rerun_does_and_leaves_no_mlflow_process(tiny_run, tm
             time.sleep(0.2)
         time.sleep(3)  # into the training steps
         proc.send_signal(sig)
-        assert proc.wait(timeout=120) != 0
+        assert proc.wait(timeout=120) == 128 + sig
     log = (tmp_path / "stderr.txt").read_text()
-    assert sig == signal.SIGINT or log.strip().splitlines()[-1] == "llmstages pretrain: stopped by SIGTERM"
+    assert log.strip().splitlines()[-1] == ("llmstages pretrain: interrupted" if sig == signal.SIGINT else
+                                            "llmstages pretrain: stopped by SIGTERM")
     assert "pretrain: stopped. No checkpoint was written yet (one every 1000 steps): the same command starts " \
            "again from step 0." in log, log[-3000:]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/outputs/mlflow.db")

@@ -88,8 +88,14 @@ def run_stage(stage: str, cfg, out_dir: str | Path | None, source: str) -> dict:
         from .mlflow_process import MlflowProcessError
 
         fail_open_stages(interrupted=isinstance(err, (KeyboardInterrupt, SystemExit)))
-        if type(err).__name__ == "SIGTERMException":  # Lightning's stop on SIGTERM: SystemExit(None), exit 0
-            sys.exit(f"llmstages {stage}: stopped by SIGTERM")
+        # Lightning turns Ctrl-C into sys.exit(1) (raised while handling the KeyboardInterrupt) and SIGTERM into
+        # SystemExit(None), exit 0: both become a line and the shell's status for the signal, 130 and 143.
+        if isinstance(err, KeyboardInterrupt) or isinstance(err.__context__, KeyboardInterrupt):
+            print(f"llmstages {stage}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        if type(err).__name__ == "SIGTERMException":
+            print(f"llmstages {stage}: stopped by SIGTERM", file=sys.stderr)
+            raise SystemExit(143) from None
         if not os.environ.get("LLMSTAGES_DEBUG"):  # LLMSTAGES_DEBUG=1 shows the traceback
             if isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)):
                 # Bad input (a file, a value): the message names it; no traceback wall.

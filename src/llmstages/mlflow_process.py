@@ -184,8 +184,9 @@ def _error(err: BaseException, uri: str) -> BaseException:
             return err
         except Exception:  # noqa: BLE001
             pass
-    message = " ".join(str(err).split()) or type(err).__name__
-    return MlflowProcessError(f"{type(err).__name__}: {message[:500]} (tracking URI {uri})",
+    message = " ".join(str(err).split(" [SQL:")[0].split()) or type(err).__name__  # not SQLAlchemy's statement
+    message = message if len(message) <= 300 else message[:300] + "..."
+    return MlflowProcessError(f"{type(err).__name__}: {message} (tracking URI {uri})",
                               "".join(traceback.format_exception(err)))
 
 
@@ -196,6 +197,8 @@ def _serve(from_parent: int, to_parent: int, warm_uri: str) -> None:
     from multiprocessing.connection import Connection
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its SQL and traceback per error: the
+    # caller gets the error (one line; MlflowProcessError.details has the traceback)
     recv, send = Connection(from_parent, writable=False), Connection(to_parent, readable=False)
     from mlflow.tracking import MlflowClient
 
