@@ -80,8 +80,9 @@ def require_transformers(what: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("transformers") is None:
-        raise ValueError(f"{what} needs Hugging Face transformers, which is not installed: "
-                         "pip install -e '.[hf]' in the llmstages folder")
+        from . import HF_INSTALL
+
+        raise ValueError(f"{what} needs Hugging Face transformers, which is not installed: {HF_INSTALL}")
 
 
 def llama_config(cfg: GPTConfig, tok: ChatTokenizer, reward: bool = False):

@@ -54,8 +54,9 @@ def check_lora(lora, runs_here: bool = False) -> list[tuple[str, str]]:
     if lora.r < 0:
         problems.append(("lora.r", f"must be >= 0 (0: off), got {lora.r}"))
     elif lora.r > 0 and runs_here and importlib.util.find_spec("peft") is None:
-        problems.append(("lora.r", f"LoRA (r={lora.r}) needs peft, which is not installed: "
-                                   "pip install -e '.[hf]' in the llmstages folder"))
+        from . import HF_INSTALL
+
+        problems.append(("lora.r", f"LoRA (r={lora.r}) needs peft, which is not installed: {HF_INSTALL}"))
     if lora.alpha <= 0:
         problems.append(("lora.alpha", f"must be > 0, got {lora.alpha}"))
     if not 0 <= lora.dropout < 1:

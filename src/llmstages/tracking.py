@@ -188,14 +188,15 @@ def _mlflow_run_class() -> type:
         def __init__(self, tracking_uri: str, run_id: str, experiment_id: str) -> None:
             super().__init__()
             self.tracking_uri, self.run_id, self.experiment_id = tracking_uri, run_id, experiment_id
+            self.store_uri = absolute_uri(tracking_uri)  # the same store if the working directory changes
 
         def call(self, fn, *args, **kwargs):
             """``fn(client, run_id, *args, **kwargs)`` in the MLflow process (see :func:`mlflow_process.call`)."""
-            return mlflow_process.call(absolute_uri(self.tracking_uri), fn, self.run_id, *args, **kwargs)
+            return mlflow_process.call(self.store_uri, fn, self.run_id, *args, **kwargs)
 
         def post(self, fn, *args, **kwargs) -> None:
             """:meth:`call` without waiting for it (see :func:`mlflow_process.post`)."""
-            mlflow_process.post(absolute_uri(self.tracking_uri), fn, self.run_id, *args, **kwargs)
+            mlflow_process.post(self.store_uri, fn, self.run_id, *args, **kwargs)
 
         @property
         def name(self) -> str:
@@ -355,8 +356,6 @@ _SAMPLERS: dict = {}  # in the MLflow process: run id -> MLflow's SystemMetricsM
 
 
 def _start_sampler(client, run_id: str, interval_s: float) -> bool:
-    import logging
-
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     except ImportError:
@@ -563,7 +562,7 @@ def log_summary(loggers: list, metrics: dict[str, float], artifacts: list[Path],
             lg.experiment.summary.update(numbers)  # no one-point series: W&B's own place for final values
         else:
             lg.log_metrics({k: v for k, v in numbers.items() if k not in RUN_FACTS})
-        if name == "MLflowRun":
+        if _is_mlflow(lg):
             facts = {key: str(metrics[key]) for key in RUN_FACTS if key in metrics}
             lg.call(_summarize, stage, metrics, facts, [str(Path(f).resolve()) for f in artifacts if Path(f).exists()])
         lg.finalize("success")
@@ -621,7 +620,7 @@ def logged_steps(lg, curves_dir: str | Path) -> dict[str, int] | None:
 
     last: dict[str, int] = {}
     kind = type(lg).__name__
-    if kind == "MLflowRun":
+    if _is_mlflow(lg):
         last = lg.call(_last_steps)
     elif kind == "CSVLogger":
         f = Path(lg.log_dir) / "metrics.csv"
